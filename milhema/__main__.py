@@ -1,0 +1,3 @@
+from milhema.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,204 @@
+"""Run configuration: defaults, YAML files, ``--set key=value`` overrides and validation.
+
+A config is a nested ``dict`` with the sections of :data:`DEFAULTS`. Files only need the keys
+they change. Unknown keys are refused with the closest valid key, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from milhema.errors import ConfigError
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {
+        # Class names in the order of the model's outputs; labels in patients.csv must be one of them.
+        "classes": ["AML", "MDS", "VEXAS", "reactive"],
+        # CBC columns of patients.csv fed to models (units as in DOMAIN.md: G/L, g/dL, fL).
+        "cbc_columns": ["wbc", "hb", "mcv", "plt", "anc", "alc", "amc"],
+        # Counts span orders of magnitude (WBC 0.5-300 G/L): these are log-transformed first.
+        "cbc_log_columns": ["wbc", "plt", "anc", "alc", "amc"],
+        # Views for multi-view models; null = the distinct values of slides.csv's `view` column.
+        "views": None,
+        "max_cells": 512,
+        "standardize_features": True,
+        "cache": True,
+    },
+    "model": {
+        "name": "abmil",
+        "hidden_dim": 128,
+        "dropout": 0.25,
+    },
+    "fusion": {"mode": "concat"},
+    "loss": {"class_weights": True, "triplet_weight": 0.0},
+    "train": {
+        "epochs": 40,
+        "lr": 3.0e-4,
+        "weight_decay": 1.0e-4,
+        "batch_size": 16,
+        "warmup_epochs": 2,
+        "grad_clip": 1.0,
+        "patience": 10,
+        "val_fraction": 0.2,
+        "seed": 0,
+        "device": "auto",
+        "amp": True,
+    },
+    "cv": {"folds": 5, "repeats": 1},
+    "tracking": {
+        "mode": "offline",
+        "project": "milhema",
+        "entity": None,
+        "group": None,
+        "tags": [],
+        "pseudonymize": True,
+        "log_images": False,
+    },
+}
+
+# Sections whose extra keys are passed on to a component that validates them itself
+# (model hyper-parameters differ by model family).
+_OPEN_SECTIONS = frozenset({"model"})
+
+
+def default_config() -> dict[str, dict[str, Any]]:
+    """A fresh deep copy of :data:`DEFAULTS`."""
+    return copy.deepcopy(DEFAULTS)
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """Defaults, updated by the YAML file at ``path``, then by ``key.sub=value`` overrides.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, or a value of the wrong type.
+    """
+    config = default_config()
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"config {path}: cannot read it ({exc.strerror})") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path}: not valid YAML ({_first_line(exc)})") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"config {path}: expected a mapping of sections, got {type(loaded).__name__}")
+        merge_into(config, loaded, source=str(path))
+    for item in overrides:
+        key, value = parse_override(item)
+        merge_into(config, _nest(key, value), source=f"--set {item}")
+    validate_values(config)
+    return config
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=1e-3"`` -> ``("train.lr", 0.001)``; the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=0.001")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({_first_line(exc)})") from exc
+    return key.strip(), value
+
+
+def merge_into(config: dict[str, Any], update: Mapping[str, Any], *, source: str, prefix: str = "") -> None:
+    """Update ``config`` in place with ``update``, refusing unknown keys and wrong types."""
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: key {key!r} is not a string")
+        if key not in config:
+            section = prefix.rstrip(".")
+            if section in _OPEN_SECTIONS:
+                config[key] = value
+                continue
+            hint = difflib.get_close_matches(key, list(config), n=1)
+            did_you_mean = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
+            valid = ", ".join(sorted(config))
+            raise ConfigError(f"{source}: unknown key '{dotted}'{did_you_mean}; valid keys here: {valid}")
+        current = config[key]
+        if isinstance(current, dict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: '{dotted}' must be a mapping of keys, got {value!r}")
+            merge_into(current, value, source=source, prefix=f"{dotted}.")
+            continue
+        config[key] = _checked(value, current, dotted, source)
+
+
+def _checked(value: Any, default: Any, dotted: str, source: str) -> Any:
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{dotted}' must be true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)) and not isinstance(value, bool) and isinstance(value, (int, float)):
+        if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{source}: '{dotted}' must be a whole number, got {value!r}")
+        return type(default)(value)
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{dotted}' must be a list, e.g. [a, b], got {value!r}")
+        return value
+    if isinstance(default, str) and isinstance(value, str):
+        return value
+    raise ConfigError(f"{source}: '{dotted}' must be {type(default).__name__}, got {value!r}")
+
+
+def validate_values(config: Mapping[str, Any]) -> None:
+    """Checks that go beyond types: values that are impossible whatever the file says."""
+    data = config["data"]
+    classes = data["classes"]
+    if len(classes) < 2 or len(set(map(str, classes))) != len(classes):
+        raise ConfigError(f"data.classes must list at least two distinct class names, got {classes}")
+    cbc = data["cbc_columns"]
+    if len(set(cbc)) != len(cbc):
+        raise ConfigError(f"data.cbc_columns lists a column twice: {cbc}")
+    unknown_log = sorted(set(data["cbc_log_columns"]) - set(cbc))
+    if unknown_log:
+        raise ConfigError(f"data.cbc_log_columns names {unknown_log}, which are not in data.cbc_columns {cbc}")
+    if data["max_cells"] < 1:
+        raise ConfigError(f"data.max_cells must be at least 1, got {data['max_cells']}")
+    train = config["train"]
+    for key in ("epochs", "batch_size"):
+        if train[key] < 1:
+            raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")
+    if not 0.0 < train["lr"] < 1.0:
+        raise ConfigError(f"train.lr must be between 0 and 1, got {train['lr']}")
+    if not 0.0 < train["val_fraction"] < 0.5:
+        raise ConfigError(f"train.val_fraction must be between 0 and 0.5, got {train['val_fraction']}")
+    if config["cv"]["folds"] < 2:
+        raise ConfigError(f"cv.folds must be at least 2, got {config['cv']['folds']}")
+    mode = config["tracking"]["mode"]
+    if mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"tracking.mode must be offline, online or disabled, got {mode!r}")
+
+
+def dump_config(config: Mapping[str, Any]) -> str:
+    """YAML text of a resolved config (as written to a run folder)."""
+    return yaml.safe_dump(dict(config), sort_keys=False)
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

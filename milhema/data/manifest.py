@@ -1,0 +1,274 @@
+"""The cohort manifest: ``patients.csv`` and ``slides.csv`` in one folder (see DESIGN.md).
+
+Rows are numbered as a spreadsheet shows them: the header is row 1, the first patient row 2.
+Every violation raises :class:`~milhema.errors.ManifestError` naming the file, the row and the
+value. Excel exports are accepted as they come: a UTF-8 byte-order mark, ``;`` as separator and
+decimal commas (``12,5``) in that case.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from milhema.errors import ManifestError
+
+PATIENTS_FILE = "patients.csv"
+SLIDES_FILE = "slides.csv"
+
+# Slide ids become file names (bags/<slide_id>.h5): no separators, no leading dot, no "..".
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+@dataclass(frozen=True)
+class Patient:
+    """One row of patients.csv. CBC values are floats, ``nan`` where missing."""
+
+    patient_id: str
+    label: str | None
+    cbc: dict[str, float]
+    age: float | None = None
+    sex: str | None = None
+    time: float | None = None
+    event: int | None = None
+    row: int = 0
+
+
+@dataclass(frozen=True)
+class Slide:
+    """One row of slides.csv; ``source`` is absolute (resolved against the CSV's folder)."""
+
+    slide_id: str
+    patient_id: str
+    source: Path
+    view: str | None = None
+    mpp: float | None = None
+    row: int = 0
+
+    @property
+    def is_crop_folder(self) -> bool:
+        return self.source.is_dir()
+
+
+@dataclass
+class Cohort:
+    """A validated manifest: patients in file order, slides in file order."""
+
+    root: Path
+    patients: dict[str, Patient]
+    slides: list[Slide]
+    classes: list[str]
+    cbc_columns: list[str]
+    _by_patient: dict[str, list[Slide]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_patient = {pid: [] for pid in self.patients}
+        for slide in self.slides:
+            self._by_patient[slide.patient_id].append(slide)
+
+    @property
+    def patient_ids(self) -> list[str]:
+        return list(self.patients)
+
+    def slides_of(self, patient_id: str) -> list[Slide]:
+        """Slides of one patient in manifest order (empty if the patient has none)."""
+        return list(self._by_patient[patient_id])
+
+    def labels(self, patient_ids: Sequence[str] | None = None) -> np.ndarray:
+        """Class indices ``[P]`` (int64) into :attr:`classes`; -1 where the label is empty."""
+        ids = self.patient_ids if patient_ids is None else patient_ids
+        index = {name: i for i, name in enumerate(self.classes)}
+        return np.array([index.get(self.patients[p].label or "", -1) for p in ids], dtype=np.int64)
+
+    def cbc_matrix(self, patient_ids: Sequence[str] | None = None) -> np.ndarray:
+        """CBC values ``[P, C]`` (float64, columns = :attr:`cbc_columns`), ``nan`` = missing."""
+        ids = self.patient_ids if patient_ids is None else patient_ids
+        return np.array(
+            [[self.patients[p].cbc[c] for c in self.cbc_columns] for p in ids], dtype=np.float64
+        ).reshape(len(ids), len(self.cbc_columns))
+
+
+def load_cohort(
+    folder: str | Path,
+    classes: Sequence[str],
+    cbc_columns: Sequence[str] = (),
+    *,
+    require_labels: bool = False,
+    check_sources: bool = True,
+) -> Cohort:
+    """Read and validate ``folder/patients.csv`` and ``folder/slides.csv``.
+
+    Args:
+        folder: the cohort folder.
+        classes: allowed labels (from the config's ``data.classes``).
+        cbc_columns: CBC columns that must be present in patients.csv (values may be empty).
+        require_labels: refuse patients with an empty label (training needs them).
+        check_sources: refuse slides whose ``source`` does not exist.
+
+    Raises:
+        ManifestError: on the first violation, naming file, row and value.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ManifestError(f"cohort folder {root} does not exist (expected {PATIENTS_FILE} and {SLIDES_FILE} in it)")
+    patients = _read_patients(root / PATIENTS_FILE, list(classes), list(cbc_columns), require_labels)
+    slides = _read_slides(root / SLIDES_FILE, patients, check_sources)
+    return Cohort(root=root.resolve(), patients=patients, slides=slides, classes=list(classes),
+                  cbc_columns=list(cbc_columns))
+
+
+def _read_table(path: Path, required: Iterable[str]) -> tuple[list[str], list[tuple[int, dict[str, str]]], bool]:
+    """Header, ``(row number, row)`` pairs and whether decimals use commas."""
+    if not path.is_file():
+        raise ManifestError(f"{path}: file not found")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path.name}: not UTF-8 text (byte {exc.start}); save it as CSV UTF-8") from exc
+    lines = text.splitlines()
+    if not lines or not lines[0].strip():
+        raise ManifestError(f"{path.name}: file is empty (expected a header row)")
+    header_line = lines[0]
+    delimiter = ";" if header_line.count(";") > header_line.count(",") else ","
+    reader = csv.reader(lines, delimiter=delimiter)
+    try:
+        header = [h.strip() for h in next(reader)]
+        body = list(reader)
+    except csv.Error as exc:
+        raise ManifestError(f"{path.name}: not a readable CSV ({exc})") from exc
+    duplicated = sorted({h for h in header if header.count(h) > 1})
+    if duplicated:
+        raise ManifestError(f"{path.name} row 1: column {duplicated[0]!r} appears twice in the header")
+    for column in required:
+        if column not in header:
+            hint = difflib.get_close_matches(column, header, n=1)
+            extra = f" (found {hint[0]!r}; rename it)" if hint else ""
+            raise ManifestError(f"{path.name} row 1: required column {column!r} is missing{extra}")
+    rows = []
+    for offset, values in enumerate(body):
+        row_number = offset + 2
+        if not any(v.strip() for v in values):
+            continue  # blank lines at the end of spreadsheet exports
+        if len(values) != len(header):
+            raise ManifestError(
+                f"{path.name} row {row_number}: {len(values)} values for {len(header)} columns "
+                f"(a stray '{delimiter}' or a missing one?)"
+            )
+        rows.append((row_number, {h: v.strip() for h, v in zip(header, values, strict=True)}))
+    return header, rows, delimiter == ";"
+
+
+def _parse_number(raw: str, *, decimal_comma: bool, where: str, what: str) -> float:
+    if not raw:
+        return math.nan
+    text = raw.replace(",", ".") if decimal_comma else raw
+    try:
+        value = float(text)
+    except ValueError:
+        raise ManifestError(f"{where}: {what} {raw!r} is not a number (leave the cell empty if missing)") from None
+    if not math.isfinite(value):
+        raise ManifestError(f"{where}: {what} {raw!r} is not a finite number (leave the cell empty if missing)")
+    return value
+
+
+def _check_id(value: str, where: str, what: str) -> None:
+    if not value:
+        raise ManifestError(f"{where}: {what} is empty")
+    if not _SAFE_ID.match(value) or ".." in value:
+        raise ManifestError(
+            f"{where}: {what} {value!r} is not safe as a file name "
+            "(use letters, digits, '.', '_' or '-', starting with a letter or digit)"
+        )
+
+
+def _read_patients(path: Path, classes: list[str], cbc_columns: list[str], require_labels: bool) -> dict[str, Patient]:
+    header, rows, decimal_comma = _read_table(path, ["patient_id", "label", *cbc_columns])
+    name = path.name
+    patients: dict[str, Patient] = {}
+    first_row: dict[str, int] = {}
+    for row_number, row in rows:
+        where = f"{name} row {row_number}"
+        pid = row["patient_id"]
+        _check_id(pid, where, "patient_id")
+        if pid in patients:
+            raise ManifestError(f"{where}: patient_id {pid!r} already used in row {first_row[pid]}")
+        label = row["label"] or None
+        if label is None and require_labels:
+            raise ManifestError(f"{where}: patient {pid!r} has no label; training needs one of {', '.join(classes)}")
+        if label is not None and label not in classes:
+            raise ManifestError(f"{where}: label {label!r} is not one of {', '.join(classes)}{_suggest(label, classes)}")
+        cbc = {}
+        for column in cbc_columns:
+            value = _parse_number(row[column], decimal_comma=decimal_comma, where=where, what=f"{column}")
+            if value < 0:
+                raise ManifestError(f"{where}: {column} {row[column]!r} is negative")
+            cbc[column] = value
+        age = _optional_number(row, "age", decimal_comma, where)
+        time = _optional_number(row, "time", decimal_comma, where)
+        if time is not None and time <= 0:
+            raise ManifestError(f"{where}: time {row['time']!r} must be greater than 0 (or empty if not followed)")
+        event = _optional_number(row, "event", decimal_comma, where)
+        if event is not None and event not in (0.0, 1.0):
+            raise ManifestError(f"{where}: event {row['event']!r} must be 0 (censored) or 1 (event)")
+        if (time is None) != (event is None):
+            raise ManifestError(f"{where}: time and event must be both given or both empty")
+        patients[pid] = Patient(
+            patient_id=pid, label=label, cbc=cbc, age=age, sex=row.get("sex") or None,
+            time=time, event=None if event is None else int(event), row=row_number,
+        )
+        first_row[pid] = row_number
+    if not patients:
+        raise ManifestError(f"{name}: no patient rows below the header")
+    return patients
+
+
+def _optional_number(row: dict[str, str], column: str, decimal_comma: bool, where: str) -> float | None:
+    if column not in row or not row[column]:
+        return None
+    return _parse_number(row[column], decimal_comma=decimal_comma, where=where, what=column)
+
+
+def _read_slides(path: Path, patients: dict[str, Patient], check_sources: bool) -> list[Slide]:
+    _header, rows, decimal_comma = _read_table(path, ["slide_id", "patient_id", "source"])
+    name = path.name
+    slides: list[Slide] = []
+    first_row: dict[str, int] = {}
+    for row_number, row in rows:
+        where = f"{name} row {row_number}"
+        sid = row["slide_id"]
+        _check_id(sid, where, "slide_id")
+        if sid in first_row:
+            raise ManifestError(f"{where}: slide_id {sid!r} already used in row {first_row[sid]}")
+        pid = row["patient_id"]
+        if pid not in patients:
+            raise ManifestError(f"{where}: patient_id {pid!r} of slide {sid!r} is not in {PATIENTS_FILE}"
+                                f"{_suggest(pid, list(patients))}")
+        if not row["source"]:
+            raise ManifestError(f"{where}: source of slide {sid!r} is empty")
+        source = (path.parent / row["source"]).resolve()
+        if check_sources and not source.exists():
+            raise ManifestError(f"{where}: source {row['source']!r} of slide {sid!r} does not exist ({source})")
+        mpp = _optional_number(row, "mpp", decimal_comma, where)
+        if mpp is not None and not 0.01 <= mpp <= 50:
+            raise ManifestError(f"{where}: mpp {row['mpp']!r} is not a plausible microns-per-pixel value")
+        slides.append(Slide(slide_id=sid, patient_id=pid, source=source, view=row.get("view") or None,
+                            mpp=mpp, row=row_number))
+        first_row[sid] = row_number
+    if not slides:
+        raise ManifestError(f"{name}: no slide rows below the header")
+    return slides
+
+
+def _suggest(value: str, choices: list[str]) -> str:
+    lowered = {c.lower(): c for c in choices}
+    if value.lower() in lowered:
+        return f" (did you mean {lowered[value.lower()]!r}?)"
+    hint = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""

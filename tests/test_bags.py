@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from milhema.bags import FORMAT, read_bag, read_bag_attrs, validate_bag, write_bag
+from milhema.errors import BagError
+
+
+def _bag(path: Path, n: int = 5, d: int = 8, **kw) -> Path:
+    rng = np.random.default_rng(0)
+    return write_bag(path, rng.normal(size=(n, d)).astype(np.float32), slide_id="S1", patient_id="P1", **kw)
+
+
+def test_round_trip_keeps_every_dataset_and_attribute(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(4, 6)).astype(np.float16)
+    coords = rng.uniform(0, 1000, size=(4, 2)).astype(np.float32)
+    thumbs = rng.integers(0, 255, size=(4, 64, 64, 3), dtype=np.uint8)
+    path = write_bag(tmp_path / "S1.h5", feats, slide_id="S1", patient_id="P1", coords=coords,
+                     cell_ids=["a.png", "b.png", "c.png", "d.png"], bboxes=np.arange(16).reshape(4, 4),
+                     thumbnails=thumbs, cell_types=["blast", "neutrophil", "blast", "lymphocyte"],
+                     diagnostic=[True, False, True, False], backbone="timm/resnet18", weights_sha256="abc",
+                     mpp=0.25, crop_px=96)
+    bag = read_bag(path)
+    assert bag.features.dtype == np.float16 and np.array_equal(bag.features, feats)
+    assert np.array_equal(bag.coords, coords)
+    assert list(bag.cell_ids) == ["a.png", "b.png", "c.png", "d.png"]
+    assert bag.bboxes.dtype == np.int32 and bag.bboxes[3].tolist() == [12, 13, 14, 15]
+    assert np.array_equal(bag.thumbnails, thumbs)
+    assert list(bag.cell_types) == ["blast", "neutrophil", "blast", "lymphocyte"]
+    assert bag.diagnostic.tolist() == [True, False, True, False]
+    assert bag.slide_id == "S1" and bag.patient_id == "P1" and not bag.foreign
+    attrs = read_bag_attrs(path)
+    assert attrs["format"] == FORMAT and attrs["format_version"] == 1
+    assert attrs["backbone"] == "timm/resnet18" and attrs["weights_sha256"] == "abc"
+    assert attrs["feature_dim"] == 6 and attrs["n_cells"] == 4 and attrs["crop_px"] == 96
+    assert attrs["mpp"] == pytest.approx(0.25) and attrs["created_with"].startswith("milhema")
+    with h5py.File(path) as f:
+        assert f["coords"].dtype == np.float32 and f["bboxes"].dtype == np.int32
+        assert h5py.check_string_dtype(f["cell_ids"].dtype).encoding == "utf-8"
+
+
+def test_defaults_for_crops_without_a_slide(tmp_path: Path) -> None:
+    bag = read_bag(_bag(tmp_path / "S1.h5", n=3))
+    assert np.isnan(bag.coords).all() and bag.coords.shape == (3, 2)
+    assert list(bag.cell_ids) == ["0", "1", "2"]
+    assert bag.features.dtype == np.float32  # float64 input is stored as float32
+    assert math.isnan(read_bag_attrs(tmp_path / "S1.h5")["mpp"])
+
+
+def test_empty_bag_is_valid(tmp_path: Path) -> None:
+    path = write_bag(tmp_path / "E.h5", np.zeros((0, 16), np.float16), slide_id="E", patient_id="P",
+                     thumbnails=np.zeros((0, 64, 64, 3), np.uint8))
+    attrs = validate_bag(path)
+    assert attrs["n_cells"] == 0 and attrs["feature_dim"] == 16
+    assert read_bag(path).features.shape == (0, 16)
+
+
+def test_write_is_atomic_and_leaves_no_temporary(tmp_path: Path) -> None:
+    _bag(tmp_path / "S1.h5")
+    with pytest.raises(BagError, match="cell_ids are not unique"):
+        _bag(tmp_path / "S2.h5", n=2, cell_ids=["x", "x"])
+    with pytest.raises(BagError, match="NaN or Inf"):
+        write_bag(tmp_path / "S3.h5", np.array([[np.nan, 1.0]]), slide_id="S3", patient_id="P")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["S1.h5"]
+
+
+def test_overwrite_replaces_whole_file(tmp_path: Path) -> None:
+    _bag(tmp_path / "S1.h5", n=5)
+    _bag(tmp_path / "S1.h5", n=2)
+    assert read_bag(tmp_path / "S1.h5").n_cells == 2
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"coords": np.zeros((4, 2))}, "coords must have shape"),
+    ({"bboxes": np.zeros((5, 3))}, "bboxes must have shape"),
+    ({"thumbnails": np.zeros((5, 8, 9, 3))}, "thumbnails must be"),
+    ({"cell_types": ["a"]}, "cell_types must have 5 entries"),
+])
+def test_write_refuses_inconsistent_shapes(tmp_path: Path, kw: dict, message: str) -> None:
+    with pytest.raises(BagError, match=message):
+        _bag(tmp_path / "S1.h5", **kw)
+
+
+def test_truncated_file_is_reported(tmp_path: Path) -> None:
+    path = _bag(tmp_path / "S1.h5", n=50, d=64)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BagError, match="not a readable HDF5 file"):
+        validate_bag(path)
+
+
+def test_not_hdf5_and_missing_file(tmp_path: Path) -> None:
+    (tmp_path / "x.h5").write_text("hello")
+    with pytest.raises(BagError, match="slide x: bag file x.h5 is not a readable HDF5"):
+        read_bag(tmp_path / "x.h5")
+    with pytest.raises(BagError, match="not found"):
+        read_bag(tmp_path / "missing.h5")
+
+
+def test_missing_dataset_attribute_and_bad_values(tmp_path: Path) -> None:
+    path = _bag(tmp_path / "S1.h5")
+    with h5py.File(path, "a") as f:
+        del f["cell_ids"]
+    with pytest.raises(BagError, match="no 'cell_ids' dataset"):
+        validate_bag(path)
+    path = _bag(tmp_path / "S2.h5")
+    with h5py.File(path, "a") as f:
+        del f.attrs["backbone"]
+    with pytest.raises(BagError, match="lacks attributes backbone"):
+        validate_bag(path)
+    path = _bag(tmp_path / "S3.h5")
+    with h5py.File(path, "a") as f:
+        f["features"][0, 0] = np.inf
+    with pytest.raises(BagError, match="NaN or Inf"):
+        validate_bag(path)
+    path = _bag(tmp_path / "S4.h5")
+    with h5py.File(path, "a") as f:
+        f.attrs["format_version"] = 99
+    with pytest.raises(BagError, match="newer than this milhema"):
+        validate_bag(path)
+    path = _bag(tmp_path / "S5.h5")
+    with h5py.File(path, "a") as f:
+        f.attrs["feature_dim"] = 3
+    with pytest.raises(BagError, match="feature_dim=3"):
+        validate_bag(path)
+
+
+def test_clam_and_trident_files_read_as_bags(tmp_path: Path) -> None:
+    feats = np.random.default_rng(2).normal(size=(7, 1024)).astype(np.float32)
+    coords = np.arange(14).reshape(7, 2) * 256
+    with h5py.File(tmp_path / "TCGA-01.h5", "w") as f:  # CLAM layout: [1, N, D] in some versions
+        f["features"] = feats[None]
+        f["coords"] = coords[None]
+    bag = read_bag(tmp_path / "TCGA-01.h5")
+    assert bag.foreign and bag.slide_id == "TCGA-01" and bag.patient_id is None
+    assert bag.features.shape == (7, 1024) and bag.coords[1].tolist() == [512.0, 768.0]
+    assert bag.cell_ids[1] == "512_768"
+    with h5py.File(tmp_path / "slide2.h5", "w") as f:  # TRIDENT layout: [N, D]
+        f["features"] = feats
+        f["coords"] = coords
+    assert validate_bag(tmp_path / "slide2.h5")["n_cells"] == 7

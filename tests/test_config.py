@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from milhema.config import DEFAULTS, load_config
+from milhema.errors import ConfigError
+
+
+def test_defaults_file_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.001\ndata:\n  classes: [AML, MDS]\n")
+    config = load_config(path, ["train.epochs=5", "fusion.mode=film"])
+    assert config["train"]["lr"] == 0.001 and config["train"]["epochs"] == 5
+    assert config["data"]["classes"] == ["AML", "MDS"] and config["fusion"]["mode"] == "film"
+    assert config["data"]["max_cells"] == DEFAULTS["data"]["max_cells"]
+    assert DEFAULTS["train"]["lr"] == 3e-4  # defaults are never mutated
+
+
+def test_unknown_key_suggests_the_closest(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 0.1\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rate'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"did you mean 'train.epochs'"):
+        load_config(None, ["train.epoch=3"])
+    with pytest.raises(ConfigError, match=r"did you mean 'data'"):
+        load_config(None, ["dta.max_cells=3"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=abc", "'train.epochs' must be int"),
+    ("train.epochs=2.5", "whole number"),
+    ("train.amp=3", "true or false"),
+    ("data.classes=AML", "must be a list"),
+    ("data.classes=[AML]", "at least two distinct"),
+    ("train.lr=0", "between 0 and 1"),
+    ("cv.folds=1", "at least 2"),
+    ("tracking.mode=cloud", "offline, online or disabled"),
+    ("data.cbc_log_columns=[ferritin]", "not in data.cbc_columns"),
+    ("train", "expected key=value"),
+])
+def test_invalid_values(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_model_section_accepts_family_parameters() -> None:
+    assert load_config(None, ["model.n_heads=4"])["model"]["n_heads"] == 4
+
+
+def test_bad_yaml_and_unsafe_tags_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    path.write_text("train: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
