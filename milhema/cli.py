@@ -1,0 +1,136 @@
+"""The ``milhema`` command line. Each subcommand parses its options and calls the library.
+
+Bad input raises a :class:`~milhema.errors.MilhemaError`; it is printed as one line and the
+command exits with status 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from milhema import __version__
+from milhema.errors import MilhemaError
+
+EXIT_BAD_INPUT = 2
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from milhema.synth.cohort import synthesize_cohort
+
+    out = synthesize_cohort(args.out, args.patients, args.seed, args.difficulty, cells_per_slide=args.cells,
+                            crop_px=args.crop_px, workers=args.workers, progress=not args.quiet)
+    print(f"wrote a simulated cohort of {args.patients} patients to {out}")
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from milhema.config import load_config
+    from milhema.data.manifest import load_cohort
+    from milhema.embed.pipeline import EmbedOptions, embed_cohort, parse_shard
+
+    config = load_config(args.config, args.set)
+    cohort = load_cohort(args.cohort, config["data"]["classes"], ())
+    options = EmbedOptions(
+        backbone=args.backbone, weights=args.weights, pretrained=not args.no_pretrained, morphology=args.morphology,
+        input_size=args.input_size, device=args.device, batch_size=args.batch_size, workers=args.workers,
+        shard=parse_shard(args.shard), overwrite=args.overwrite, fail_on_bad_image=args.fail_on_bad_image,
+        progress=not args.quiet,
+    )
+    report = embed_cohort(cohort, args.out, options)
+    print(report.summary())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from milhema.demo import run_demo
+
+    run_demo(args.out, progress=not args.quiet)
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="milhema", description="Patient-level diagnosis in hematology by multiple-instance learning.")
+    parser.add_argument("--version", action="version", version=f"milhema {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_argument("-v", "--verbose", action="store_true", help="more log messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", parents=[common], help="write a simulated cohort (manifest, crops, per-cell truth)")
+    p.add_argument("--out", required=True, type=Path, help="new folder for the cohort")
+    p.add_argument("--patients", type=_positive_int, default=40, help="number of patients (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="same seed = byte-identical cohort (default 0)")
+    p.add_argument("--difficulty", choices=("easy", "default", "hard"), default="default",
+                   help="how rare the diagnostic cells are (see docs/SIMULATION.md)")
+    p.add_argument("--cells", type=_positive_int, default=120, help="mean white cells per slide (default 120)")
+    p.add_argument("--crop-px", type=_positive_int, default=96, help="crop side in pixels, spanning 24 µm (default 96)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="rendering processes (default: CPUs)")
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("embed", parents=[common], help="embed every cell into one HDF5 bag per slide (resumable)")
+    p.add_argument("--cohort", required=True, type=Path, help="folder with patients.csv and slides.csv")
+    p.add_argument("--out", required=True, type=Path, help="folder for the bags (<slide_id>.h5)")
+    p.add_argument("--config", type=Path, default=None, help="YAML config (for data.classes)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--backbone", default="timm/resnet18",
+                   help="timm/<model> (default timm/resnet18), or 'none' with --morphology")
+    p.add_argument("--weights", type=Path, default=None, help="local weights (.safetensors or a state dict .pth)")
+    p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (nothing is downloaded)")
+    p.add_argument("--morphology", action="store_true", help="add handcrafted cytomorphology features")
+    p.add_argument("--input-size", type=_positive_int, default=None,
+                   help="backbone input side in px (default: the model's own data config)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--workers", type=int, default=None, help="image-decoding processes (default: CPUs/2, max 4)")
+    p.add_argument("--shard", default="0/1", help="I/N: embed slides I, I+N, I+2N, ... (0-based; default 0/1)")
+    p.add_argument("--overwrite", action="store_true", help="redo bags that are already finished")
+    p.add_argument("--fail-on-bad-image", action="store_true", help="stop at an unreadable crop instead of skipping it")
+    p.set_defaults(func=_embed)
+
+    p = sub.add_parser("demo", parents=[common], help="the whole pipeline on a simulated cohort, end to end")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="working folder (default demo_out)")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="milhema: %(levelname)s: %(message)s")
+    warnings.formatwarning = lambda message, category, *a, **k: f"milhema: warning: {message}\n"
+    try:
+        return int(args.func(args) or 0)
+    except MilhemaError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"milhema: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("milhema: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not bad input: say so on one line unless debugging
+        if args.debug:
+            raise
+        print(f"milhema: internal error: {type(exc).__name__}: {exc} (run again with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

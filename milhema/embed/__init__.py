@@ -1,0 +1,1 @@
+"""Embedding: frozen backbones and handcrafted morphology turn cell crops into bag features."""

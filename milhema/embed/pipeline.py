@@ -1,0 +1,336 @@
+"""Embed every cell of a cohort once into one bag file per slide.
+
+One DataLoader streams the cells of all pending slides in order: workers decode and resize the
+crops (and compute morphology features), the main process normalises and runs the frozen
+backbone in batches, and a background thread writes each bag as soon as its last cell is
+embedded. Finished bags made with the same backbone are skipped, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from milhema.bags import read_bag_attrs, validate_bag, write_bag
+from milhema.data.manifest import Cohort, Slide
+from milhema.embed.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
+from milhema.embed.morphology import MORPHOLOGY_FEATURES, morphology_features
+from milhema.errors import BagError, EmbedError, MilhemaError
+from milhema.slides.crops import CropFolder, CropReadError, list_crops, read_crop
+
+log = logging.getLogger(__name__)
+THUMBNAIL_PX = 64
+NO_BACKBONE = "none"
+_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+            "nearest": Image.Resampling.NEAREST}
+
+
+@dataclass
+class EmbedOptions:
+    """What ``milhema embed`` does; the defaults are the CLI's."""
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: Path | None = None
+    pretrained: bool = True
+    morphology: bool = False
+    input_size: int | None = None
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int | None = None
+    shard: tuple[int, int] = (0, 1)
+    overwrite: bool = False
+    fail_on_bad_image: bool = False
+    amp: bool = True
+    progress: bool = True
+
+
+@dataclass
+class EmbedReport:
+    """What a run did. ``cells_per_s`` counts embedded cells over the embedding wall time."""
+
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)
+    bad_images: int = 0
+    cells: int = 0
+    seconds: float = 0.0
+
+    @property
+    def cells_per_s(self) -> float:
+        return self.cells / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        text = (f"embedded {self.cells} cells of {len(self.written)} slides in {self.seconds:.1f} s "
+                f"({self.cells_per_s:.0f} cells/s); {len(self.skipped)} finished bags kept")
+        if self.empty:
+            text += f"; {len(self.empty)} slides without cells: {', '.join(self.empty[:5])}"
+        if self.bad_images:
+            text += f"; {self.bad_images} unreadable images skipped"
+        return text
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/8"`` -> ``(2, 8)``: this process embeds slides 2, 10, 18, ... (0-based, like SLURM arrays)."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise MilhemaError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise MilhemaError(f"--shard {text!r}: need 0 <= I < N")
+    return index, count
+
+
+def embed_cohort(cohort: Cohort, out: str | Path, options: EmbedOptions | None = None) -> EmbedReport:
+    """Write ``out/<slide_id>.h5`` for every slide of this shard that has no valid bag yet."""
+    opts = options or EmbedOptions()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    index, count = opts.shard
+    slides = cohort.slides[index::count]
+    backbone = _load(opts)
+    signature = _signature(opts, backbone)
+    report = EmbedReport()
+    pending = []
+    for slide in slides:
+        _remove_stale_temporaries(out, slide.slide_id)
+        if not opts.overwrite and _finished(out / f"{slide.slide_id}.h5", signature):
+            report.skipped.append(slide.slide_id)
+        else:
+            pending.append(slide)
+    if not pending:
+        return report
+    sources = [_source(slide) for slide in pending]
+    _check_mpp(pending, opts.morphology)
+    start = time.perf_counter()
+    _run(out, pending, sources, backbone, signature, opts, report)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _load(opts: EmbedOptions) -> Backbone | None:
+    if opts.backbone == NO_BACKBONE:
+        if not opts.morphology:
+            raise EmbedError("--backbone none needs --morphology (otherwise there are no features)")
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        return load_backbone(opts.backbone, opts.weights, pretrained=opts.pretrained, input_size=opts.input_size)
+
+
+def _signature(opts: EmbedOptions, backbone: Backbone | None) -> str:
+    return json.dumps({
+        "backbone": backbone.name if backbone else NO_BACKBONE,
+        "weights_sha256": backbone.weights_sha256 if backbone else "none",
+        "input_size": backbone.input_size if backbone else 0,
+        "morphology": opts.morphology,
+    }, sort_keys=True)
+
+
+def _finished(path: Path, signature: str) -> bool:
+    """A valid bag made the same way; a bag made another way is an error, not silently mixed."""
+    if not path.exists():
+        return False
+    try:
+        validate_bag(path)
+    except BagError as exc:
+        log.warning("%s; embedding it again", exc)
+        return False
+    made_with = read_bag_attrs(path).get("embed_signature")
+    if made_with != signature:
+        raise EmbedError(f"{path} was embedded with other settings ({made_with}); use --overwrite to redo it "
+                         "or another --out folder")
+    return True
+
+
+def _remove_stale_temporaries(out: Path, slide_id: str) -> None:
+    for tmp in out.glob(f".{slide_id}.h5.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _source(slide: Slide) -> CropFolder:
+    if slide.source.is_dir():
+        return list_crops(slide.slide_id, slide.source)
+    raise EmbedError(f"slide {slide.slide_id}: source {slide.source} is not a folder of crops "
+                     "(whole-slide images are not supported by this version)")
+
+
+def _check_mpp(slides: list[Slide], morphology: bool) -> None:
+    if not morphology:
+        return
+    for slide in slides:
+        if slide.mpp is None:
+            raise EmbedError(f"slide {slide.slide_id}: --morphology measures in µm and needs the slide's "
+                             "microns per pixel; add an 'mpp' column to slides.csv")
+
+
+class _CellImages(Dataset):
+    """Item i -> decoded, resized crop of cell i of the flattened cohort (runs in loader workers)."""
+
+    def __init__(self, items: list[tuple[int, Path]], mpps: list[float], input_size: int, filter_name: str,
+                 morphology: bool) -> None:
+        self.items = items
+        self.mpps = mpps
+        self.input_size = input_size
+        self.resample = _FILTERS.get(filter_name, Image.Resampling.BICUBIC)
+        self.morphology = morphology
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, object]:
+        slide_index, path = self.items[i]
+        size = self.input_size
+        n_morph = len(MORPHOLOGY_FEATURES) if self.morphology else 0
+        try:
+            rgb = read_crop(path)
+        except CropReadError as exc:
+            return {"slide": slide_index, "ok": False, "error": str(exc), "crop_px": 0,
+                    "image": torch.zeros(3, size, size, dtype=torch.uint8),
+                    "thumb": torch.zeros(THUMBNAIL_PX, THUMBNAIL_PX, 3, dtype=torch.uint8),
+                    "morph": torch.zeros(n_morph)}
+        image = Image.fromarray(rgb)
+        resized = np.array(image.resize((size, size), self.resample)) if size else rgb[:1, :1].copy()
+        thumb = np.array(image.resize((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.BILINEAR, reducing_gap=2.0))
+        morph = morphology_features(rgb, self.mpps[slide_index]) if self.morphology else np.zeros(0, np.float32)
+        return {"slide": slide_index, "ok": True, "error": "", "crop_px": int(rgb.shape[0]),
+                "image": torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))),
+                "thumb": torch.from_numpy(thumb), "morph": torch.from_numpy(morph)}
+
+
+@dataclass
+class _SlideBuffer:
+    slide: Slide
+    source: CropFolder
+    features: list[np.ndarray] = field(default_factory=list)
+    thumbs: list[np.ndarray] = field(default_factory=list)
+    ok: list[np.ndarray] = field(default_factory=list)
+    crop_px: int = 0
+    seen: int = 0
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise EmbedError(f"--device {device!r}: {exc}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise EmbedError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+    return resolved
+
+
+def _run(out: Path, slides: list[Slide], sources: list[CropFolder], backbone: Backbone | None,
+         signature: str, opts: EmbedOptions, report: EmbedReport) -> None:
+    device = _resolve_device(opts.device)
+    items = [(i, path) for i, src in enumerate(sources) for path in src.paths]
+    mpps = [s.mpp if s.mpp is not None else math.nan for s in slides]
+    input_size = backbone.input_size if backbone else 0
+    dataset = _CellImages(items, mpps, input_size, backbone.interpolation if backbone else "bilinear",
+                          opts.morphology)
+    workers = opts.workers if opts.workers is not None else min(4, max(1, (os.cpu_count() or 2) // 2))
+    loader = DataLoader(dataset, batch_size=opts.batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        prefetch_factor=4 if workers > 0 else None)
+    model = None
+    if backbone is not None:
+        model = backbone.model.to(device).to(memory_format=torch.channels_last)
+        mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1) * 255.0
+    buffers = [_SlideBuffer(slide, src) for slide, src in zip(slides, sources, strict=True)]
+    use_amp = opts.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    writer = ThreadPoolExecutor(max_workers=1)  # overlaps HDF5 writes with the next batches
+    pending_writes: list[Future[None]] = []
+    next_to_flush = 0
+
+    def flush_ready(upto: int) -> None:
+        nonlocal next_to_flush
+        while next_to_flush < upto:
+            buf = buffers[next_to_flush]
+            pending_writes.append(writer.submit(_write, out, buf, backbone, signature, opts, report))
+            next_to_flush += 1
+
+    bar = tqdm(total=len(items), desc="embed", unit="cell", disable=None if opts.progress else True, smoothing=0.1)
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                ok = batch["ok"].numpy()
+                if not ok.all():
+                    for message in (m for m, good in zip(batch["error"], ok, strict=True) if not good):
+                        if opts.fail_on_bad_image:
+                            raise EmbedError(message)
+                        log.warning("%s; skipped", message)
+                    report.bad_images += int((~ok).sum())
+                parts = []
+                if model is not None:
+                    images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                    images = (images.float() - mean) / std
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                        parts.append(model(images).float().cpu().numpy())
+                if opts.morphology:
+                    parts.append(batch["morph"].numpy())
+                features = np.concatenate(parts, axis=1)
+                slide_idx = batch["slide"].numpy()
+                for s in np.unique(slide_idx):
+                    sel = slide_idx == s
+                    buf = buffers[s]
+                    buf.features.append(features[sel])
+                    buf.thumbs.append(batch["thumb"].numpy()[sel])
+                    buf.ok.append(ok[sel])
+                    buf.crop_px = buf.crop_px or int(batch["crop_px"].numpy()[sel].max())
+                    buf.seen += int(sel.sum())
+                report.cells += int(ok.sum())
+                bar.update(len(ok))
+                # Slides are contiguous in the loader: every slide before the last one seen is complete.
+                last = int(slide_idx[-1])
+                complete = last + 1 if buffers[last].seen == len(buffers[last].source.paths) else last
+                flush_ready(complete)
+        flush_ready(len(buffers))  # includes slides with no crops at all
+        for future in pending_writes:
+            future.result()
+    finally:
+        bar.close()
+        writer.shutdown(wait=True)
+
+
+def _write(out: Path, buf: _SlideBuffer, backbone: Backbone | None, signature: str, opts: EmbedOptions,
+           report: EmbedReport) -> None:
+    slide, src = buf.slide, buf.source
+    n_dims = (backbone.feature_dim if backbone else 0) + (len(MORPHOLOGY_FEATURES) if opts.morphology else 0)
+    ok = np.concatenate(buf.ok) if buf.ok else np.zeros(0, bool)
+    features = np.concatenate(buf.features)[ok] if buf.features else np.zeros((0, n_dims), np.float32)
+    thumbs = np.concatenate(buf.thumbs)[ok] if buf.thumbs else np.zeros((0, THUMBNAIL_PX, THUMBNAIL_PX, 3), np.uint8)
+    keep = np.flatnonzero(ok)
+    cell_ids = [src.cell_ids[i] for i in keep]
+    blocks = ([f"{backbone.name}:{backbone.feature_dim}"] if backbone else []) + (
+        [f"morphology:{len(MORPHOLOGY_FEATURES)}"] if opts.morphology else [])
+    write_bag(
+        out / f"{slide.slide_id}.h5", features.astype(np.float16), slide_id=slide.slide_id,
+        patient_id=slide.patient_id, cell_ids=cell_ids, thumbnails=thumbs,
+        cell_types=None if src.cell_types is None else [src.cell_types[i] for i in keep],
+        diagnostic=None if src.diagnostic is None else np.array([src.diagnostic[i] for i in keep], dtype=bool),
+        backbone=backbone.name if backbone else NO_BACKBONE,
+        weights_sha256=backbone.weights_sha256 if backbone else "none",
+        mpp=slide.mpp if slide.mpp is not None else math.nan, crop_px=buf.crop_px,
+        extra_attrs={"embed_signature": signature, "feature_blocks": ",".join(blocks),
+                     "input_size": backbone.input_size if backbone else 0,
+                     "morphology_features": ",".join(MORPHOLOGY_FEATURES) if opts.morphology else ""},
+    )
+    report.written.append(slide.slide_id)
+    if len(keep) == 0:
+        report.empty.append(slide.slide_id)
+        log.warning("slide %s: no readable cells; wrote an empty bag", slide.slide_id)

@@ -1,0 +1,1 @@
+"""Training and evaluation: splits, metrics, baselines (and MIL training)."""

@@ -1,0 +1,85 @@
+"""Patient-level baselines in scikit-learn: CBC only, and mean-pooled cell features.
+
+They run on exactly the same patient-grouped folds as the MIL models, so the numbers can be
+set side by side. Missing CBC values are imputed with the training-fold median plus a
+missing-indicator column; counts are log-transformed first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from milhema.bags import read_bag
+from milhema.data.manifest import Cohort
+from milhema.errors import BagError, MilhemaError
+
+
+def cbc_design(cohort: Cohort, patient_ids: Sequence[str], log_columns: Sequence[str]) -> np.ndarray:
+    """CBC matrix ``[P, C]`` with counts in ``log_columns`` as log(1 + x); nan stays nan."""
+    x = cohort.cbc_matrix(patient_ids)
+    for j, column in enumerate(cohort.cbc_columns):
+        if column in log_columns:
+            x[:, j] = np.log1p(x[:, j])
+    return x
+
+
+def mean_pooled_features(cohort: Cohort, bags: str | Path, patient_ids: Sequence[str]) -> np.ndarray:
+    """Mean of every cell's features over all slides of each patient, ``[P, D]`` float32.
+
+    Raises:
+        BagError: a slide has no bag, or feature sizes differ between bags.
+    """
+    bags = Path(bags)
+    rows = []
+    dim = None
+    for pid in patient_ids:
+        feats = []
+        for slide in cohort.slides_of(pid):
+            path = bags / f"{slide.slide_id}.h5"
+            if not path.exists():
+                raise BagError(f"slide {slide.slide_id}: no bag file in {bags} (run milhema embed first)")
+            bag = read_bag(path, thumbnails=False)
+            if dim is not None and bag.feature_dim != dim:
+                raise BagError(f"slide {slide.slide_id}: {bag.feature_dim} features per cell, other bags have {dim}")
+            dim = bag.feature_dim
+            feats.append(bag.features.astype(np.float32))
+        cells = np.concatenate(feats) if feats else np.zeros((0, dim or 0), np.float32)
+        rows.append(cells.mean(axis=0) if len(cells) else np.full(dim or 0, np.nan, np.float32))
+    return np.stack(rows)
+
+
+def logistic_model(seed: int = 0, c: float = 0.5) -> Pipeline:
+    """Imputation (+ missing indicators), standardisation, L2 logistic regression."""
+    return make_pipeline(SimpleImputer(strategy="median", add_indicator=True), StandardScaler(),
+                         LogisticRegression(C=c, max_iter=5000, class_weight="balanced", random_state=seed))
+
+
+def patient_folds(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Label-stratified K-fold over patients (one row per patient, so a patient is never on both sides)."""
+    counts = np.bincount(y[y >= 0])
+    if len(y) < folds or counts[counts > 0].min() < folds:
+        raise MilhemaError(f"{folds}-fold cross-validation needs at least {folds} patients of every class; "
+                           f"class counts are {counts.tolist()}")
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    splits = list(splitter.split(np.zeros(len(y)), y))
+    for train, test in splits:
+        assert not set(train) & set(test)
+    return splits
+
+
+def cross_val_proba(x: np.ndarray, y: np.ndarray, splits: Sequence[tuple[np.ndarray, np.ndarray]],
+                    n_classes: int, seed: int = 0) -> np.ndarray:
+    """Out-of-fold class probabilities ``[P, K]`` of :func:`logistic_model`."""
+    prob = np.zeros((len(y), n_classes))
+    for train, test in splits:
+        model = logistic_model(seed).fit(x[train], y[train])
+        prob[np.ix_(test, model.classes_)] = model.predict_proba(x[test])
+    return prob

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from milhema.config import DEFAULTS
+from milhema.data import load_cohort
+from milhema.errors import MilhemaError
+from milhema.synth import synthesize_cohort
+from milhema.synth.cbc import sample_cbc
+from milhema.synth.cells import CELL_TYPES, Stain, render_crop
+from milhema.synth.composition import RATES, sample_disease, slide_cells
+
+DIAGNOSTIC_TYPES = {
+    "AML": {"blast", "blast_auer"},
+    "MDS": {"hypogranular_neutrophil", "pseudo_pelger", "vacuolated_neutrophil", "blast", "blast_auer"},
+    "VEXAS": {"vacuolated_neutrophil", "vacuolated_monocyte", "pseudo_pelger", "hypogranular_neutrophil"},
+    "reactive": {"reactive_lymphocyte"},
+}
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_same_seed_is_byte_identical_whatever_the_workers(tmp_path: Path) -> None:
+    a = synthesize_cohort(tmp_path / "a", 6, seed=3, cells_per_slide=6, crop_px=48, workers=1, progress=False)
+    b = synthesize_cohort(tmp_path / "b", 6, seed=3, cells_per_slide=6, crop_px=48, workers=2, progress=False)
+    c = synthesize_cohort(tmp_path / "c", 6, seed=4, cells_per_slide=6, crop_px=48, workers=1, progress=False)
+    assert _tree_digest(a) == _tree_digest(b)
+    assert _tree_digest(a) != _tree_digest(c)
+
+
+def test_cohort_is_a_valid_manifest_with_consistent_truth(tiny_cohort: Path) -> None:
+    cohort = load_cohort(tiny_cohort, DEFAULTS["data"]["classes"], DEFAULTS["data"]["cbc_columns"],
+                         require_labels=True)
+    assert len(cohort.patients) == 8
+    assert Counter(p.label for p in cohort.patients.values()) == {"AML": 2, "MDS": 2, "VEXAS": 2, "reactive": 2}
+    assert all(1 <= len(cohort.slides_of(pid)) <= 3 for pid in cohort.patient_ids)
+    assert {s.view for s in cohort.slides} <= {"PB", "BM"}
+    for slide in cohort.slides:
+        label = cohort.patients[slide.patient_id].label
+        with open(slide.source / "cells.csv", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        pngs = sorted(p.name for p in slide.source.glob("*.png"))
+        assert [r["cell_id"] for r in rows] == pngs
+        for row in rows:
+            assert row["cell_type"] in CELL_TYPES
+            if row["diagnostic"] == "1":
+                assert row["cell_type"] in DIAGNOSTIC_TYPES[label], (label, row)
+        with Image.open(slide.source / pngs[0]) as image:
+            assert image.size == (64, 64) and image.mode == "RGB"
+        assert slide.mpp == pytest.approx(24.0 / 64, abs=1e-3)
+
+
+def test_cbc_values_are_plausible_and_partly_missing() -> None:
+    rng = np.random.default_rng(0)
+    draws = [sample_cbc(d, rng, 0.0, 0.1)[0] for d in ("AML", "MDS", "VEXAS", "reactive") for _ in range(200)]
+    values = np.array([[row[c] for c in ("wbc", "hb", "mcv", "plt")] for row in draws])
+    missing = np.isnan(values).mean()
+    assert 0.06 < missing < 0.14
+    assert np.nanmin(values[:, 0]) > 0 and np.nanmax(values[:, 1]) < 19 and 65 < np.nanmedian(values[:, 2]) < 110
+    mcv = {d: np.nanmedian([sample_cbc(d, rng)[0]["mcv"] for _ in range(300)]) for d in ("MDS", "reactive")}
+    assert mcv["MDS"] > mcv["reactive"] + 4  # macrocytosis in MDS (DOMAIN.md)
+
+
+@pytest.mark.parametrize("difficulty", ["easy", "default", "hard"])
+def test_diagnostic_cells_are_a_minority_at_documented_rates(difficulty: str) -> None:
+    rng = np.random.default_rng(5)
+    differential = np.array([0.6, 0.3, 0.07, 0.02, 0.01])
+    for diagnosis in ("MDS", "VEXAS", "reactive"):
+        fractions = []
+        for _ in range(40):
+            state = sample_disease(diagnosis, difficulty, rng)
+            cells = slide_cells(state, differential, 400, "PB", rng)
+            fractions.append(np.mean([flag for _, flag in cells]))
+        low, high = RATES[difficulty][diagnosis]
+        assert np.mean(fractions) < 0.5
+        assert low * 0.3 < np.median(fractions) < high * 1.1, (diagnosis, np.median(fractions))
+
+
+def test_renderer_makes_distinct_cell_types() -> None:
+    rng = np.random.default_rng(0)
+    stain = Stain.default()
+    for cell_type in CELL_TYPES:
+        rgb, nucleus = render_crop(cell_type, rng, stain, size=96)
+        assert rgb.shape == (96, 96, 3) and rgb.dtype == np.uint8 and nucleus.shape == (96, 96)
+        assert 200 < rgb[:4, :4].mean() <= 255 or rgb[:, :4].mean() > 150  # light smear background
+    with pytest.raises(ValueError, match="unknown cell type"):
+        render_crop("megakaryocyte", rng, stain)
+
+
+def test_refuses_a_non_empty_folder_and_bad_parameters(tmp_path: Path) -> None:
+    (tmp_path / "x.txt").write_text("keep me")
+    with pytest.raises(MilhemaError, match="already exists and is not empty"):
+        synthesize_cohort(tmp_path, 2, progress=False)
+    with pytest.raises(MilhemaError, match="difficulty"):
+        synthesize_cohort(tmp_path / "new", 2, difficulty="extreme", progress=False)
+    assert (tmp_path / "x.txt").read_text() == "keep me"
