@@ -17,7 +17,8 @@ from milhema.embed.backbone import RandomWeightsWarning, file_sha256, load_backb
 from milhema.embed.morphology import MORPHOLOGY_FEATURES, morphology_features
 from milhema.embed.pipeline import EmbedOptions, embed_cohort, parse_shard
 from milhema.errors import EmbedError, MilhemaError
-from milhema.synth.cells import Stain, render_crop
+from milhema.synth.crop import render_crop
+from milhema.synth.stain import Stain
 
 CLASSES = DEFAULTS["data"]["classes"]
 FAST = {"backbone": "timm/resnet18", "pretrained": False, "input_size": 64, "workers": 0, "progress": False,

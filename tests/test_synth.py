@@ -14,8 +14,10 @@ from milhema.data import load_cohort
 from milhema.errors import MilhemaError
 from milhema.synth import synthesize_cohort
 from milhema.synth.cbc import sample_cbc
-from milhema.synth.cells import CELL_TYPES, Stain, render_crop
+from milhema.synth.cells import CELL_TYPES
 from milhema.synth.composition import RATES, sample_disease, slide_cells
+from milhema.synth.crop import render_crop
+from milhema.synth.stain import Stain
 
 DIAGNOSTIC_TYPES = {
     "AML": {"blast", "blast_auer"},

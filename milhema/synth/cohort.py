@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 from milhema import __version__
 from milhema.errors import MilhemaError
 from milhema.synth.cbc import CBC_COLUMNS, sample_cbc
-from milhema.synth.cells import Stain, render_crop
 from milhema.synth.composition import (
     DIFFICULTIES,
     DiseaseState,
@@ -38,6 +37,8 @@ from milhema.synth.composition import (
     sample_disease,
     slide_cells,
 )
+from milhema.synth.crop import render_crop
+from milhema.synth.stain import Stain
 
 DIAGNOSES = ("AML", "MDS", "VEXAS", "reactive")
 _AGE = {"AML": (65.0, 14.0), "MDS": (73.0, 9.0), "VEXAS": (68.0, 8.0), "reactive": (52.0, 19.0)}
