@@ -47,6 +47,55 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_for_training(args: argparse.Namespace, extra: list[str]) -> tuple[dict, object]:
+    from milhema.config import load_config
+    from milhema.data.manifest import load_cohort
+
+    config = load_config(args.config, [*extra, *args.set])
+    data = config["data"]
+    return config, load_cohort(args.cohort, data["classes"], data["cbc_columns"])
+
+
+def _train(args: argparse.Namespace) -> int:
+    from milhema.train.run import run_train
+
+    config, cohort = _load_for_training(args, [])
+    metrics = run_train(config, cohort, args.bags, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    val = metrics["validation"]
+    print(f"trained {metrics['model']} on {metrics['n_train']} patients ({metrics['epochs_run']} epochs); "
+          f"validation balanced accuracy {val['balanced_accuracy']['mean']:.3f} on {metrics['n_val']} patients; "
+          f"run in {args.out}")
+    return 0
+
+
+def _cv(args: argparse.Namespace) -> int:
+    from milhema.train.metrics import format_ci
+    from milhema.train.run import run_cv
+
+    extra = [f"cv.folds={args.folds}"] if args.folds else []
+    extra += [f"cv.repeats={args.repeats}"] if args.repeats else []
+    config, cohort = _load_for_training(args, extra)
+    m = run_cv(config, cohort, args.bags, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    base = m["baselines"]["cbc_only"]["patient"]
+    print(f"{m['model']} + CBC fusion '{m['fusion']}', {m['folds']}-fold cv x {m['repeats']}, {m['n_patients']} patients")
+    for name in ("balanced_accuracy", "macro_f1", "macro_auroc"):
+        print(f"  {name:<18} {format_ci(m['patient'][name]):<22} CBC only {format_ci(base[name])}")
+    print(f"run in {args.out}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from milhema.data.manifest import load_cohort
+    from milhema.train.predict import run_config, run_predict
+
+    config = run_config(args.run)
+    cohort = load_cohort(args.cohort, config["data"]["classes"], config["data"]["cbc_columns"])
+    run_predict(args.run, cohort, args.bags, args.out, ensemble=args.ensemble, overwrite=args.overwrite,
+                device=args.device)
+    print(f"predictions for {len(cohort.patients)} patients in {args.out}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from milhema.demo import run_demo
 
@@ -101,6 +150,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo bags that are already finished")
     p.add_argument("--fail-on-bad-image", action="store_true", help="stop at an unreadable crop instead of skipping it")
     p.set_defaults(func=_embed)
+
+    for name, text in (("train", "train one model, early stopping on an inner validation split"),
+                       ("cv", "patient-grouped, label-stratified K-fold cross-validation")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("--config", type=Path, default=None, help="YAML config (configs/*.yaml); default: built-in")
+        p.add_argument("--cohort", required=True, type=Path, help="folder with patients.csv and slides.csv")
+        p.add_argument("--bags", required=True, type=Path, help="folder of bags from milhema embed")
+        p.add_argument("--out", required=True, type=Path, help="new run folder")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+        if name == "cv":
+            p.add_argument("--folds", type=_positive_int, default=None, help="K (default: cv.folds = 5)")
+            p.add_argument("--repeats", type=_positive_int, default=None, help="R (default: cv.repeats = 1)")
+        p.set_defaults(func=_cv if name == "cv" else _train)
+
+    p = sub.add_parser("predict", parents=[common], help="predictions and per-cell scores from a train or cv run")
+    p.add_argument("--run", required=True, type=Path, help="run folder of milhema train or cv")
+    p.add_argument("--cohort", required=True, type=Path, help="folder with patients.csv and slides.csv")
+    p.add_argument("--bags", required=True, type=Path, help="folder of bags (same backbone as the run)")
+    p.add_argument("--out", required=True, type=Path, help="new output folder")
+    p.add_argument("--ensemble", action="store_true",
+                   help="use every fold model for every patient (default: out-of-fold models for patients of the run)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", parents=[common], help="the whole pipeline on a simulated cohort, end to end")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="working folder (default demo_out)")

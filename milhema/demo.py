@@ -1,7 +1,8 @@
 """``milhema demo``: the whole pipeline on a small simulated cohort, sized for a 2-core laptop.
 
-synth -> embed (frozen backbone + morphology) -> patient-grouped cross-validation of baselines ->
-printed table. Re-running it reuses the cohort and the finished bags.
+synth -> embed (frozen backbone + morphology) -> patient-grouped cross-validation of ABMIL with
+CBC fusion beside the baselines on the same folds -> printed table. Re-running it reuses the
+cohort and the finished bags.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from milhema.embed.pipeline import EmbedOptions, embed_cohort
 from milhema.synth.cohort import synthesize_cohort
 from milhema.train.baseline import cbc_design, cross_val_proba, mean_pooled_features, patient_folds
 from milhema.train.metrics import classification_metrics, format_ci
+from milhema.train.run import run_cv
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class DemoSettings:
     backbone: str = "timm/resnet18"
     input_size: int = 128
     folds: int = 4
+    epochs: int = 40
 
 
 def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None, progress: bool = True) -> dict:
@@ -55,20 +58,25 @@ def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None,
                                                          input_size=s.input_size, progress=progress))
     print(f"      {report.summary()}")
 
-    print(f"[3/3] {s.folds}-fold patient-grouped cross-validation (baselines; MIL models come next)")
+    print(f"[3/3] {s.folds}-fold patient-grouped cross-validation: ABMIL + CBC fusion and baselines")
+    config["cv"]["folds"] = s.folds
+    config["train"]["seed"] = s.seed
+    config["train"]["epochs"] = s.epochs
+    run = run_cv(config, cohort, bags_dir, out / "run", overwrite=True, progress=progress)
     ids = cohort.patient_ids
     y = cohort.labels(ids)
-    splits = patient_folds(y, s.folds, s.seed)
+    splits = patient_folds(y, s.folds, s.seed)  # the folds run_cv used (same seed)
     k = len(cohort.classes)
     cbc = cbc_design(cohort, ids, data["cbc_log_columns"])
     cells = mean_pooled_features(cohort, bags_dir, ids)
-    rows = {
-        "CBC only": cross_val_proba(cbc, y, splits, k, s.seed),
-        "mean-pooled cells": cross_val_proba(cells, y, splits, k, s.seed),
-        "mean-pooled cells + CBC": cross_val_proba(np.hstack([cells, cbc]), y, splits, k, s.seed),
+    results = {
+        "CBC only": run["baselines"]["cbc_only"]["patient"],
+        "mean-pooled cells + CBC": classification_metrics(
+            y, cross_val_proba(np.hstack([cells, cbc]), y, splits, k, s.seed), cohort.classes),
+        f"{run['model']} + CBC ({run['fusion']})": run["patient"],
     }
-    results = {name: classification_metrics(y, prob, cohort.classes) for name, prob in rows.items()}
     _print_table(results)
+    print(f"run folder (predictions, cell scores, checkpoints): {out / 'run'}")
     (out / "demo_metrics.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"\ndone in {time.perf_counter() - started:.0f} s; metrics in {out / 'demo_metrics.json'}")
     return results

@@ -45,10 +45,11 @@ def test_synth_cli_and_help(tmp_path: Path) -> None:
 
 
 def test_demo_end_to_end_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    settings = DemoSettings(patients=12, seed=5, cells_per_slide=10, input_size=48, folds=3)
+    settings = DemoSettings(patients=12, seed=5, cells_per_slide=10, input_size=48, folds=3, epochs=3)
     results = run_demo(tmp_path / "demo", settings, progress=False)
     printed = capsys.readouterr().out
-    assert "CBC only" in printed and "mean-pooled cells + CBC" in printed and "balanced acc." in printed
+    assert "CBC only" in printed and "abmil + CBC (concat)" in printed and "balanced acc." in printed
+    assert (tmp_path / "demo" / "run" / "metrics.json").is_file()
     for metrics in results.values():
         assert 0.0 <= metrics["balanced_accuracy"]["mean"] <= 1.0
         lo, hi = metrics["macro_auroc"]["ci95"]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
-SUMMARY_METRICS = ("balanced_accuracy", "macro_f1", "macro_auroc", "accuracy")
+SUMMARY_METRICS = ("balanced_accuracy", "macro_f1", "macro_auroc", "accuracy", "ece")
 
 
 def macro_auroc(y: np.ndarray, prob: np.ndarray, n_classes: int) -> float:
@@ -23,8 +23,25 @@ def macro_auroc(y: np.ndarray, prob: np.ndarray, n_classes: int) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def expected_calibration_error(y: np.ndarray, prob: np.ndarray, n_bins: int = 10) -> float:
+    """ECE of the top-class confidence over ``n_bins`` equal-width bins (0 = perfectly calibrated)."""
+    if len(y) == 0:
+        return float("nan")
+    confidence = prob.max(axis=1)
+    correct = prob.argmax(axis=1) == y
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        sel = bins == b
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - confidence[sel].mean())
+    return float(ece)
+
+
 def _point(name: str, y: np.ndarray, prob: np.ndarray, n_classes: int) -> float:
     pred = prob.argmax(axis=1)
+    if name == "ece":
+        return expected_calibration_error(y, prob)
     if name == "balanced_accuracy":
         return float(balanced_accuracy_score(y, pred))
     if name == "macro_f1":
@@ -65,6 +82,25 @@ def classification_metrics(y: np.ndarray, prob: np.ndarray, classes: Sequence[st
         for i, c in enumerate(classes)
     }
     return out
+
+
+def summarise_repeats(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], *, n_boot: int = 1000,
+                      seed: int = 0) -> dict[str, Any]:
+    """Metrics of out-of-fold probabilities ``[R, P, K]`` from R repeats of cross-validation.
+
+    With one repeat this is :func:`classification_metrics`. With several, each summary metric's
+    ``mean`` and ``std`` are over the repeats' point estimates, and ``ci95`` is the bootstrap
+    interval of the repeat-averaged probabilities.
+    """
+    averaged = classification_metrics(y, probs.mean(axis=0), classes, n_boot=n_boot, seed=seed)
+    if len(probs) == 1:
+        return averaged
+    for name in SUMMARY_METRICS:
+        values = [_point(name, y, p, len(classes)) for p in probs]
+        averaged[name]["mean"] = float(np.mean(values))
+        averaged[name]["std"] = float(np.std(values))
+        averaged[name]["per_repeat"] = values
+    return averaged
 
 
 def format_ci(metric: dict[str, Any]) -> str:

@@ -1,0 +1,106 @@
+"""Model registry: ``@register_model("name")`` on a class, ``create_model("name", ...)`` to build one.
+
+Parameters are checked against the constructor's signature before anything is built, so a typo
+in a config (``hiden_dim``) fails with the list of valid parameters instead of a TypeError.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from milhema.errors import ConfigError
+from milhema.models.base import MILModel
+
+_REGISTRY: dict[str, type[MILModel]] = {}
+
+# Passed by create_model itself, so never accepted inside **params.
+_FIXED = ("in_dim", "n_classes", "cbc_dim", "fusion")
+
+
+def register_model(name: str) -> Callable[[type[MILModel]], type[MILModel]]:
+    """Class decorator registering a :class:`MILModel` subclass under ``name``."""
+
+    def decorate(cls: type[MILModel]) -> type[MILModel]:
+        if not (isinstance(cls, type) and issubclass(cls, MILModel)):
+            raise TypeError(f"@register_model({name!r}) needs a MILModel subclass, got {cls!r}")
+        if _REGISTRY.get(name, cls) is not cls:
+            raise ValueError(f"model name {name!r} is already registered to {_REGISTRY[name].__qualname__}")
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def model_params(name: str) -> dict[str, Any]:
+    """The tunable parameters of model ``name`` with their defaults (excluding in_dim, n_classes, cbc_dim, fusion)."""
+    cls = _lookup(name)
+    return {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+            if p.name != "self" and p.name not in _FIXED
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _lookup(name: str) -> type[MILModel]:
+    if name not in _REGISTRY:
+        raise ConfigError(f"model {name!r} is not registered; available: {', '.join(list_models())}"
+                          f"{_suggest(str(name), list_models())}")
+    return _REGISTRY[name]
+
+
+def _check_type(model: str, param: str, value: Any, default: Any) -> None:
+    """Refuse a value whose type clearly differs from the default's (e.g. ``"128"`` for an int)."""
+    if default is None or default is inspect.Parameter.empty:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:
+        return
+    if not ok:
+        raise ConfigError(f"model {model!r}: parameter {param!r} must be {type(default).__name__} "
+                          f"(default {default!r}), got {value!r}")
+
+
+def create_model(name: str, *, in_dim: int, n_classes: int, cbc_dim: int = 0, fusion: str = "none",
+                 **params: Any) -> MILModel:
+    """Build registered model ``name``.
+
+    Args:
+        name: a name from :func:`list_models`.
+        in_dim: cell feature dimension D.
+        n_classes: number of classes K.
+        cbc_dim: width of the preprocessed CBC vector (0 = no CBC).
+        fusion: CBC fusion mode (see :data:`milhema.models.fusion.FUSION_MODES`).
+        **params: model hyper-parameters (``hidden_dim``, ``dropout``, model-specific ones).
+
+    Raises:
+        ConfigError: unknown model, unknown parameter, or an invalid parameter value.
+    """
+    cls = _lookup(name)
+    valid = model_params(name)
+    for key, value in params.items():
+        if key not in valid:
+            raise ConfigError(f"model {name!r} has no parameter {key!r}{_suggest(key, list(valid))}; "
+                              f"valid parameters: {', '.join(sorted(valid))}")
+        _check_type(name, key, value, valid[key])
+    try:
+        return cls(in_dim=in_dim, n_classes=n_classes, cbc_dim=cbc_dim, fusion=fusion, **params)
+    except ConfigError as err:
+        raise ConfigError(f"model {name!r}: {err}") from err

@@ -1,0 +1,219 @@
+"""Patient bags for training: all cells of a patient's slides, padded batches with a mask.
+
+A patient's slides form one bag (slide and view of every cell are kept so scores map back).
+Batches are length-bucketed (bags of similar size together) so padding stays small; during
+training each bag is randomly subsampled to ``data.max_cells``, at evaluation the whole bag is
+used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from milhema.bags import read_bag, read_bag_attrs
+from milhema.data.manifest import Cohort
+from milhema.errors import BagError
+
+
+@dataclass
+class PatientBag:
+    """The cells of one patient (or of one slide, for slide-level predictions).
+
+    Attributes:
+        features: ``[N, D]`` float16/32 cell features.
+        slide_index: ``[N]`` index into ``slide_ids`` of each cell's slide.
+        view_index: ``[N]`` view of each cell (index into the configured views).
+        coords: ``[N, 2]`` level-0 pixel centres (NaN for crops).
+        cell_ids: ``[N]`` cell ids within their slide.
+        cbc: ``[C]`` raw CBC values, NaN = missing.
+        label: class index, -1 if unknown.
+    """
+
+    patient_id: str
+    label: int
+    features: np.ndarray
+    slide_index: np.ndarray
+    view_index: np.ndarray
+    coords: np.ndarray
+    cell_ids: np.ndarray
+    slide_ids: list[str]
+    cbc: np.ndarray
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.features.shape[0])
+
+    def slide(self, i: int) -> PatientBag:
+        """The bag restricted to the cells of slide ``i``."""
+        sel = self.slide_index == i
+        return PatientBag(self.patient_id, self.label, self.features[sel], np.zeros(int(sel.sum()), np.int64),
+                          self.view_index[sel], self.coords[sel], self.cell_ids[sel], [self.slide_ids[i]], self.cbc)
+
+
+@dataclass(frozen=True)
+class BagInfo:
+    """What every bag of a folder must share with the model: backbone and feature size."""
+
+    backbone: str
+    weights_sha256: str
+    feature_dim: int
+
+
+def resolve_views(cohort: Cohort, configured: Sequence[str] | None) -> list[str]:
+    """The view names models use: the config's ``data.views``, else slides.csv's distinct ``view`` values."""
+    if configured:
+        return list(configured)
+    found = sorted({s.view for s in cohort.slides if s.view})
+    return found or ["all"]
+
+
+def inspect_bags(cohort: Cohort, bags: Path, patient_ids: Sequence[str]) -> BagInfo:
+    """Check that every slide of the patients has a bag and all bags share backbone and size."""
+    info: BagInfo | None = None
+    first = ""
+    for pid in patient_ids:
+        for slide in cohort.slides_of(pid):
+            path = bags / f"{slide.slide_id}.h5"
+            if not path.exists():
+                raise BagError(f"slide {slide.slide_id}: no bag file in {bags} (run milhema embed first)")
+            attrs = read_bag_attrs(path)
+            here = BagInfo(str(attrs.get("backbone", "unknown")), str(attrs.get("weights_sha256", "none")),
+                           int(attrs["feature_dim"]))
+            if info is None:
+                info, first = here, slide.slide_id
+            elif here.feature_dim != info.feature_dim or here.backbone != info.backbone:
+                raise BagError(f"slide {slide.slide_id}: bag made with {here.backbone} ({here.feature_dim} features) "
+                               f"but slide {first} with {info.backbone} ({info.feature_dim}); re-embed one of them")
+    if info is None:
+        raise BagError(f"no slides to train on in {bags}")
+    return info
+
+
+class BagStore:
+    """Loads patient bags from a bag folder; with ``cache`` each is read from disk once."""
+
+    def __init__(self, cohort: Cohort, bags: str | Path, views: Sequence[str], cache: bool = True) -> None:
+        self.cohort = cohort
+        self.bags = Path(bags)
+        self.views = list(views)
+        self.cache = cache
+        self._cached: dict[str, PatientBag] = {}
+
+    def get(self, patient_id: str) -> PatientBag:
+        if patient_id in self._cached:
+            return self._cached[patient_id]
+        bag = self._load(patient_id)
+        if self.cache:
+            self._cached[patient_id] = bag
+        return bag
+
+    def many(self, patient_ids: Sequence[str]) -> list[PatientBag]:
+        return [self.get(p) for p in patient_ids]
+
+    def _load(self, patient_id: str) -> PatientBag:
+        view_of = {v: i for i, v in enumerate(self.views)}
+        parts = []
+        slide_ids = []
+        for i, slide in enumerate(self.cohort.slides_of(patient_id)):
+            bag = read_bag(self.bags / f"{slide.slide_id}.h5", thumbnails=False)
+            view = view_of.get(slide.view or "", 0) if len(self.views) > 1 else 0
+            parts.append((bag, i, view))
+            slide_ids.append(slide.slide_id)
+        dim = parts[0][0].feature_dim if parts else 0
+        label = self.cohort.labels([patient_id])[0]
+        cbc = self.cohort.cbc_matrix([patient_id])[0].astype(np.float32)
+        if not parts:
+            return PatientBag(patient_id, int(label), np.zeros((0, dim), np.float16), np.zeros(0, np.int64),
+                              np.zeros(0, np.int64), np.zeros((0, 2), np.float32), np.zeros(0, object), [], cbc)
+        return PatientBag(
+            patient_id=patient_id, label=int(label),
+            features=np.concatenate([b.features for b, _, _ in parts]),
+            slide_index=np.concatenate([np.full(b.n_cells, i, np.int64) for b, i, _ in parts]),
+            view_index=np.concatenate([np.full(b.n_cells, v, np.int64) for b, _, v in parts]),
+            coords=np.concatenate([b.coords for b, _, _ in parts]).astype(np.float32),
+            cell_ids=np.concatenate([np.asarray(b.cell_ids, dtype=object) for b, _, _ in parts]),
+            slide_ids=slide_ids, cbc=cbc,
+        )
+
+
+@dataclass
+class Batch:
+    """A padded batch. ``index[b, j]`` is the position of cell j in bag b (-1 = padding)."""
+
+    x: torch.Tensor        # [B, N, D] float32
+    mask: torch.Tensor     # [B, N] bool
+    cbc: torch.Tensor      # [B, C] float32 raw, NaN = missing
+    coords: torch.Tensor   # [B, N, 2]
+    view: torch.Tensor     # [B, N] long
+    y: torch.Tensor        # [B] long
+    index: np.ndarray      # [B, N]
+
+    def to(self, device: torch.device) -> Batch:
+        move = {"non_blocking": device.type == "cuda"}
+        return Batch(self.x.to(device, **move), self.mask.to(device, **move), self.cbc.to(device, **move),
+                     self.coords.to(device, **move), self.view.to(device, **move), self.y.to(device, **move),
+                     self.index)
+
+
+def collate(bags: Sequence[PatientBag], max_cells: int | None = None,
+            rng: np.random.Generator | None = None) -> Batch:
+    """Pad bags to the longest one; subsample bags longer than ``max_cells`` (training only)."""
+    picks = []
+    for bag in bags:
+        n = bag.n_cells
+        if max_cells is not None and n > max_cells:
+            generator = rng if rng is not None else np.random.default_rng(0)
+            picks.append(np.sort(generator.choice(n, max_cells, replace=False)))
+        else:
+            picks.append(np.arange(n))
+    width = max(1, max(len(p) for p in picks))
+    dim = bags[0].features.shape[1]
+    b = len(bags)
+    x = np.zeros((b, width, dim), np.float32)
+    mask = np.zeros((b, width), bool)
+    coords = np.full((b, width, 2), np.nan, np.float32)
+    view = np.zeros((b, width), np.int64)
+    index = np.full((b, width), -1, np.int64)
+    for i, (bag, pick) in enumerate(zip(bags, picks, strict=True)):
+        n = len(pick)
+        x[i, :n] = bag.features[pick]
+        mask[i, :n] = True
+        coords[i, :n] = bag.coords[pick]
+        view[i, :n] = bag.view_index[pick]
+        index[i, :n] = pick
+    return Batch(torch.from_numpy(x), torch.from_numpy(mask), torch.from_numpy(np.stack([bag.cbc for bag in bags])),
+                 torch.from_numpy(coords), torch.from_numpy(view),
+                 torch.tensor([bag.label for bag in bags], dtype=torch.long), index)
+
+
+def bucketed_batches(bags: Sequence[PatientBag], batch_size: int, rng: np.random.Generator | None,
+                     max_cells: int | None = None) -> Iterator[list[int]]:
+    """Indices of bags grouped by similar length; shuffled when ``rng`` is given.
+
+    Bags are shuffled, cut into pools of 50 batches, sorted by length within a pool and
+    batched; the batches are then shuffled. Without ``rng`` the order is by length (evaluation).
+    """
+    lengths = np.array([min(b.n_cells, max_cells or b.n_cells) for b in bags])
+    if rng is None:
+        order = np.argsort(lengths, kind="stable")
+        yield from (order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size))
+        return
+    order = rng.permutation(len(bags))
+    pool = batch_size * 50
+    batches = []
+    for start in range(0, len(order), pool):
+        chunk = order[start:start + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size].tolist() for i in range(0, len(chunk), batch_size)]
+    for i in rng.permutation(len(batches)):
+        yield batches[i]
+
+
+def n_batches(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)

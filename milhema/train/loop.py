@@ -1,0 +1,165 @@
+"""The training loop: AdamW, warm-up + cosine schedule, class weights, clipping, early stopping.
+
+Model selection uses the validation loss on the inner validation split of the training
+patients; the test fold is never looked at.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score
+from tqdm.auto import tqdm
+
+from milhema.train.data import PatientBag, bucketed_batches, collate
+from milhema.train.model import PatientModel
+
+
+@dataclass
+class Prediction:
+    """Outputs for a list of bags, in input order.
+
+    ``cell_scores[i]`` is ``[n_i]`` for bag i; ``class_cell_scores[i]`` is ``[n_i, K]`` or None.
+    """
+
+    probs: np.ndarray
+    cell_scores: list[np.ndarray]
+    class_cell_scores: list[np.ndarray | None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights ``n / (K · n_k)`` (1 for absent classes)."""
+    counts = np.bincount(labels, minlength=n_classes).astype(float)
+    weights = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 1.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def batch_hard_triplet(embedding: torch.Tensor, y: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """Batch-hard triplet loss (Hermans et al. 2017) on L2-normalised bag embeddings ``[B, E]``."""
+    z = F.normalize(embedding, dim=1)
+    dist = torch.cdist(z, z)
+    same = y[:, None] == y[None, :]
+    eye = torch.eye(len(y), dtype=torch.bool, device=y.device)
+    positive = (same & ~eye).any(1) & (~same).any(1)
+    if not positive.any():
+        return embedding.sum() * 0.0
+    hardest_pos = dist.masked_fill(~same | eye, float("-inf")).amax(1)
+    hardest_neg = dist.masked_fill(same, float("inf")).amin(1)
+    return F.relu(hardest_pos - hardest_neg + margin)[positive].mean()
+
+
+def _schedule(total: int, warmup: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientBag], config: Mapping[str, Any], *,
+        device: torch.device, log: Callable[[dict[str, Any]], None] | None = None,
+        progress: bool = False, desc: str = "train") -> list[dict[str, Any]]:
+    """Train ``model`` in place; on return it holds the weights of the best validation epoch.
+
+    Returns the per-epoch history (train/validation loss, validation balanced accuracy, lr).
+    """
+    t = config["train"]
+    n_classes = len(config["data"]["classes"])
+    rng = np.random.default_rng(t["seed"])
+    torch.manual_seed(t["seed"])
+    model.to(device)
+    weights = class_weights(np.array([b.label for b in train]), n_classes).to(device) if config["loss"][
+        "class_weights"] else None
+    optimiser = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+    steps = math.ceil(len(train) / t["batch_size"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, _schedule(steps * t["epochs"], steps * t["warmup_epochs"]))
+    use_amp = bool(t["amp"]) and device.type == "cuda"
+    triplet = float(config["loss"]["triplet_weight"])
+    best_loss, best_state, stale = math.inf, copy.deepcopy(model.state_dict()), 0
+    history = []
+    bar = tqdm(range(t["epochs"]), desc=desc, unit="epoch", disable=None if progress else True, leave=False)
+    for epoch in bar:
+        model.train()
+        total, seen = 0.0, 0
+        for idx in bucketed_batches(train, t["batch_size"], rng, config["data"]["max_cells"]):
+            batch = collate([train[i] for i in idx], config["data"]["max_cells"], rng).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = model(batch)
+                loss = F.cross_entropy(out.logits.float(), batch.y, weight=weights)
+                if triplet > 0:
+                    loss = loss + triplet * batch_hard_triplet(out.embedding.float(), batch.y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+            optimiser.step()
+            scheduler.step()
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        val_loss, val_bacc = evaluate(model, val, config, device=device, weights=weights)
+        record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "val_loss": val_loss,
+                  "val_balanced_accuracy": val_bacc, "lr": scheduler.get_last_lr()[0]}
+        history.append(record)
+        if log is not None:
+            log(record)
+        bar.set_postfix(train=f"{record['train_loss']:.3f}", val=f"{val_loss:.3f}")
+        if val_loss < best_loss - 1e-4:
+            best_loss, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= t["patience"]:
+                break
+    model.load_state_dict(best_state)
+    return history
+
+
+@torch.no_grad()
+def evaluate(model: PatientModel, bags: Sequence[PatientBag], config: Mapping[str, Any], *, device: torch.device,
+             weights: torch.Tensor | None = None) -> tuple[float, float]:
+    """Weighted cross-entropy and balanced accuracy on whole bags."""
+    if not bags:
+        return math.nan, math.nan
+    pred = predict(model, bags, config["train"]["batch_size"], device=device, amp=bool(config["train"]["amp"]))
+    y = torch.tensor([b.label for b in bags])
+    logp = torch.log(torch.from_numpy(pred.probs).float().clamp_min(1e-8))
+    loss = F.nll_loss(logp, y, weight=None if weights is None else weights.cpu())
+    return float(loss), float(balanced_accuracy_score(y.numpy(), pred.probs.argmax(1)))
+
+
+@torch.no_grad()
+def predict(model: PatientModel, bags: Sequence[PatientBag], batch_size: int, *, device: torch.device,
+            amp: bool = True) -> Prediction:
+    """Class probabilities and per-cell scores of whole bags (no subsampling)."""
+    model.eval().to(device)
+    n_classes = model.mil.n_classes
+    probs = np.zeros((len(bags), n_classes), np.float64)
+    cells: list[np.ndarray] = [np.zeros(0)] * len(bags)
+    per_class: list[np.ndarray | None] = [None] * len(bags)
+    use_amp = amp and device.type == "cuda"
+    for idx in bucketed_batches(bags, batch_size, None):
+        batch = collate([bags[i] for i in idx]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = model(batch)
+        p = torch.softmax(out.logits.float(), dim=1).cpu().numpy()
+        scores = out.cell_scores.float().cpu().numpy()
+        cls = out.class_cell_scores.float().cpu().numpy() if out.class_cell_scores is not None else None
+        for row, i in enumerate(idx):
+            n = bags[i].n_cells
+            probs[i] = p[row]
+            cells[i] = scores[row, :n]
+            per_class[i] = cls[row, :n] if cls is not None else None
+    return Prediction(probs, cells, per_class)

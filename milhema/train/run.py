@@ -1,0 +1,241 @@
+"""``milhema train`` and ``milhema cv``: run folders with metrics, predictions, scores, checkpoints.
+
+A run is written into a hidden sibling folder and renamed when complete, so a crashed run
+never looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from tqdm.auto import tqdm
+
+from milhema.config import dump_config
+from milhema.data.manifest import Cohort
+from milhema.errors import MilhemaError
+from milhema.train.baseline import cbc_design, cross_val_proba, patient_folds
+from milhema.train.checkpoint import save_checkpoint
+from milhema.train.data import BagInfo, BagStore, PatientBag, inspect_bags, resolve_views
+from milhema.train.loop import Prediction, fit, predict, resolve_device
+from milhema.train.metrics import classification_metrics, summarise_repeats
+from milhema.train.model import PatientModel, build_model, model_spec
+from milhema.train.outputs import prediction_header, prediction_rows, write_cell_scores, write_csv
+
+
+@dataclass
+class FoldResult:
+    """Test-fold outputs of one model."""
+
+    patient_ids: list[str]
+    patient: Prediction
+    slide_ids: list[str]
+    slide_patient: list[str]
+    slide: Prediction
+
+
+@contextmanager
+def run_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder that becomes ``out`` only when the block completes."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise MilhemaError(f"run folder {out} already exists; choose another --out or pass --overwrite")
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def inner_split(ids: Sequence[str], y: np.ndarray, fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Stratified validation split of the training patients (unstratified if a class is too small)."""
+    try:
+        train, val = train_test_split(list(ids), test_size=fraction, stratify=y, random_state=seed)
+    except ValueError:
+        train, val = train_test_split(list(ids), test_size=fraction, random_state=seed)
+    return list(train), list(val)
+
+
+def train_model(config: Mapping[str, Any], store: BagStore, spec: Mapping[str, Any], train_ids: Sequence[str],
+                val_ids: Sequence[str], device: torch.device, log: Callable[[dict[str, Any]], None] | None,
+                progress: bool, desc: str) -> tuple[PatientModel, list[dict[str, Any]]]:
+    """Fit preprocessing on the training patients, then train with early stopping on ``val_ids``."""
+    train_bags, val_bags = store.many(train_ids), store.many(val_ids)
+    model = build_model(spec)
+    model.feature_norm.fit(b.features for b in train_bags)
+    if model.cbc_encoder is not None:
+        model.cbc_encoder.fit(np.stack([b.cbc for b in train_bags]))
+    history = fit(model, train_bags, val_bags, config, device=device, log=log, progress=progress, desc=desc)
+    return model, history
+
+
+def predict_patients(model: PatientModel, bags: Sequence[PatientBag], batch_size: int, device: torch.device,
+                     amp: bool) -> FoldResult:
+    """Patient-bag and single-slide predictions of ``bags``."""
+    slides = [(bag, i) for bag in bags for i in range(len(bag.slide_ids))]
+    return FoldResult(
+        patient_ids=[b.patient_id for b in bags],
+        patient=predict(model, bags, batch_size, device=device, amp=amp),
+        slide_ids=[bag.slide_ids[i] for bag, i in slides],
+        slide_patient=[bag.patient_id for bag, _ in slides],
+        slide=predict(model, [bag.slide(i) for bag, i in slides], batch_size, device=device, amp=amp),
+    )
+
+
+def _prepare(config: Mapping[str, Any], cohort: Cohort, bags: Path) -> tuple[BagStore, BagInfo, dict[str, Any], list[str]]:
+    labelled = [p for p in cohort.patient_ids if cohort.patients[p].label is not None]
+    if not labelled:
+        raise MilhemaError("no patient has a label: training needs labels in patients.csv")
+    info = inspect_bags(cohort, bags, labelled)
+    views = resolve_views(cohort, config["data"]["views"])
+    store = BagStore(cohort, bags, views, cache=config["data"]["cache"])
+    spec = model_spec(config, info.feature_dim, cohort.classes, cohort.cbc_columns, views)
+    return store, info, spec, labelled
+
+
+def _bag_meta(info: BagInfo) -> dict[str, Any]:
+    return {"backbone": info.backbone, "weights_sha256": info.weights_sha256, "feature_dim": info.feature_dim}
+
+
+def _history_writer(path: Path, **keys: Any) -> Callable[[dict[str, Any]], None]:
+    def log(record: dict[str, Any]) -> None:
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({**keys, **record}) + "\n")
+    return log
+
+
+def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str | Path, *, overwrite: bool = False,
+           progress: bool = True) -> dict[str, Any]:
+    """Patient-grouped, label-stratified K-fold cross-validation, repeated ``cv.repeats`` times."""
+    bags, out = Path(bags), Path(out)
+    folds, repeats = config["cv"]["folds"], config["cv"]["repeats"]
+    store, info, spec, ids = _prepare(config, cohort, bags)
+    y = cohort.labels(ids)
+    device = resolve_device(config["train"]["device"])
+    t = config["train"]
+    started = time.perf_counter()
+    classes = cohort.classes
+    with run_folder(out, overwrite) as tmp:
+        (tmp / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+        patient_probs = np.zeros((repeats, len(ids), len(classes)))
+        cbc_probs = np.zeros((repeats, len(ids), len(classes)))
+        fold_of = np.zeros((repeats, len(ids)), int)
+        slide_records: list[tuple[str, str, int, int, np.ndarray]] = []
+        position = {p: i for i, p in enumerate(ids)}
+        cbc = cbc_design(cohort, ids, config["data"]["cbc_log_columns"])
+        bar = tqdm(total=folds * repeats, desc=f"cv {spec['model']}", unit="fold", disable=None if progress else True)
+        for r in range(repeats):
+            splits = patient_folds(y, folds, t["seed"] + r)
+            cbc_probs[r] = cross_val_proba(cbc, y, splits, len(classes), t["seed"])
+            for k, (train_idx, test_idx) in enumerate(splits):
+                train_ids = [ids[i] for i in train_idx]
+                test_ids = [ids[i] for i in test_idx]
+                inner_train, val = inner_split(train_ids, y[train_idx], t["val_fraction"], t["seed"] + r)
+                if set(test_ids) & (set(inner_train) | set(val)):
+                    raise MilhemaError("internal check failed: a test patient is also in training")  # never expected
+                log = _history_writer(tmp / "history.jsonl", repeat=r, fold=k)
+                model, _ = train_model(config, store, spec, inner_train, val, device, log, progress,
+                                       desc=f"repeat {r} fold {k}")
+                save_checkpoint(tmp / "checkpoints" / f"r{r}_f{k}", model, spec,
+                                {"bags": _bag_meta(info), "repeat": r, "fold": k, "test_patients": test_ids,
+                                 "train_patients": inner_train, "val_patients": val})
+                test_bags = store.many(test_ids)
+                result = predict_patients(model, test_bags, t["batch_size"], device, t["amp"])
+                for j, pid in enumerate(result.patient_ids):
+                    patient_probs[r, position[pid]] = result.patient.probs[j]
+                    fold_of[r, position[pid]] = k
+                slide_records += [(sid, result.slide_patient[j], r, k, result.slide.probs[j])
+                                  for j, sid in enumerate(result.slide_ids)]
+                if r == 0:
+                    for j, bag in enumerate(test_bags):
+                        write_cell_scores(tmp / "cell_scores", bag, result.patient.cell_scores[j],
+                                          result.patient.class_cell_scores[j], classes)
+                bar.update(1)
+        bar.close()
+        labels = [cohort.patients[p].label for p in ids]
+        rows = []
+        for r in range(repeats):
+            rows += prediction_rows(ids, labels, patient_probs[r], classes,
+                                    [(int(fold_of[r, i]), r) for i in range(len(ids))])
+        write_csv(tmp / "predictions.csv", prediction_header("patient_id", classes, ["fold", "repeat"]), rows)
+        write_csv(tmp / "slide_predictions.csv",
+                  prediction_header("slide_id", classes, ["patient_id", "fold", "repeat"]),
+                  [prediction_rows([sid], [cohort.patients[pid].label], prob[None], classes, [(pid, k, r)])[0]
+                   for sid, pid, r, k, prob in slide_records])
+        slide_metrics, from_slides = _slide_level(slide_records, ids, cohort, classes)
+        metrics = {
+            "task": "classification", "classes": classes, "model": spec["model"], "fusion": spec["fusion"],
+            "patient": summarise_repeats(y, patient_probs, classes),
+            "slide": slide_metrics,
+            "patient_from_slides": from_slides,
+            "baselines": {"cbc_only": {"patient": summarise_repeats(y, cbc_probs, classes)}},
+            "n_patients": len(ids), "n_slides": len({rec[0] for rec in slide_records}), "folds": folds, "repeats": repeats,
+            "backbone": info.backbone, "feature_dim": info.feature_dim,
+            "wall_time_s": round(time.perf_counter() - started, 1),
+        }
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return metrics
+
+
+def _slide_level(records: Sequence[tuple[str, str, int, int, np.ndarray]], ids: Sequence[str], cohort: Cohort,
+                 classes: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Metrics of single-slide predictions, and of their per-patient average."""
+    by_slide: dict[str, list[np.ndarray]] = {}
+    patient_of: dict[str, str] = {}
+    for sid, pid, _, _, prob in records:
+        by_slide.setdefault(sid, []).append(prob)
+        patient_of[sid] = pid
+    slide_ids = list(by_slide)
+    slide_probs = np.array([np.mean(by_slide[s], axis=0) for s in slide_ids])
+    slide_y = cohort.labels([patient_of[s] for s in slide_ids])
+    per_patient: dict[str, list[np.ndarray]] = {}
+    for sid, prob in zip(slide_ids, slide_probs, strict=True):
+        per_patient.setdefault(patient_of[sid], []).append(prob)
+    with_slides = [p for p in ids if p in per_patient]
+    averaged = np.array([np.mean(per_patient[p], axis=0) for p in with_slides])
+    return (classification_metrics(slide_y, slide_probs, classes),
+            classification_metrics(cohort.labels(with_slides), averaged, classes))
+
+
+def run_train(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str | Path, *,
+              overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """One model on all labelled patients, early-stopped on an inner validation split."""
+    bags, out = Path(bags), Path(out)
+    store, info, spec, ids = _prepare(config, cohort, bags)
+    y = cohort.labels(ids)
+    t = config["train"]
+    device = resolve_device(t["device"])
+    with run_folder(out, overwrite) as tmp:
+        (tmp / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+        train_ids, val_ids = inner_split(ids, y, t["val_fraction"], t["seed"])
+        model, history = train_model(config, store, spec, train_ids, val_ids, device,
+                                     _history_writer(tmp / "history.jsonl"), progress, desc=f"train {spec['model']}")
+        save_checkpoint(tmp / "checkpoints" / "model", model, spec,
+                        {"bags": _bag_meta(info), "test_patients": [], "train_patients": train_ids,
+                         "val_patients": val_ids})
+        val = predict(model, store.many(val_ids), t["batch_size"], device=device, amp=t["amp"])
+        metrics = {"task": "classification", "classes": cohort.classes, "model": spec["model"],
+                   "fusion": spec["fusion"], "validation": classification_metrics(cohort.labels(val_ids), val.probs,
+                                                                                   cohort.classes),
+                   "n_patients": len(ids), "n_train": len(train_ids), "n_val": len(val_ids),
+                   "epochs_run": len(history), "backbone": info.backbone, "feature_dim": info.feature_dim}
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return metrics
