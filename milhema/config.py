@@ -27,7 +27,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "cbc_log_columns": ["wbc", "plt", "anc", "alc", "amc"],
         # Views for multi-view models; null = the distinct values of slides.csv's `view` column.
         "views": None,
-        "max_cells": 512,
+        # Feature blocks of the bags to use, e.g. [morphology] or ["timm/resnet18"]; null = all.
+        "feature_blocks": None,
+        # Training subsamples each bag to this many cells per step (evaluation uses whole bags):
+        # on small cohorts the subsampling is a strong augmentation (see docs/RESULTS.md).
+        "max_cells": 128,
         "standardize_features": True,
         "cache": True,
     },
@@ -39,13 +43,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "fusion": {"mode": "concat"},
     "loss": {"class_weights": True, "triplet_weight": 0.0},
     "train": {
-        "epochs": 40,
-        "lr": 3.0e-4,
+        "epochs": 80,
+        "lr": 1.0e-3,
         "weight_decay": 1.0e-4,
         "batch_size": 16,
         "warmup_epochs": 2,
         "grad_clip": 1.0,
-        "patience": 10,
+        "patience": 20,
         "val_fraction": 0.2,
         "seed": 0,
         "device": "auto",
@@ -168,6 +172,9 @@ def validate_values(config: Mapping[str, Any]) -> None:
     unknown_log = sorted(set(data["cbc_log_columns"]) - set(cbc))
     if unknown_log:
         raise ConfigError(f"data.cbc_log_columns names {unknown_log}, which are not in data.cbc_columns {cbc}")
+    blocks = data["feature_blocks"]
+    if blocks is not None and (not isinstance(blocks, list) or not blocks or not all(isinstance(b, str) for b in blocks)):
+        raise ConfigError(f"data.feature_blocks must be null or a list of block names like [morphology], got {blocks!r}")
     if data["max_cells"] < 1:
         raise ConfigError(f"data.max_cells must be at least 1, got {data['max_cells']}")
     train = config["train"]

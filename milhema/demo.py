@@ -19,19 +19,20 @@ from milhema.data.manifest import load_cohort
 from milhema.embed.pipeline import EmbedOptions, embed_cohort
 from milhema.synth.cohort import synthesize_cohort
 from milhema.train.baseline import cbc_design, cross_val_proba, mean_pooled_features, patient_folds
+from milhema.train.data import inspect_bags
 from milhema.train.metrics import classification_metrics, format_ci
 from milhema.train.run import run_cv
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    patients: int = 48
+    patients: int = 60
     seed: int = 2026
     cells_per_slide: int = 80
     backbone: str = "timm/resnet18"
     input_size: int = 128
     folds: int = 4
-    epochs: int = 40
+    epochs: int = 80
 
 
 def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None, progress: bool = True) -> dict:
@@ -42,6 +43,9 @@ def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None,
     started = time.perf_counter()
     config = default_config()
     data = config["data"]
+    # No pretrained weights ship with milhema, so the demo's CNN features are from random
+    # weights; the MIL model reads the morphology block of the bags (data.feature_blocks).
+    data["feature_blocks"] = ["morphology"]
 
     print(f"[1/3] simulated cohort: {s.patients} patients (AML, MDS, VEXAS, reactive), seed {s.seed}")
     if _same_cohort(cohort_dir, s):
@@ -58,7 +62,8 @@ def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None,
                                                          input_size=s.input_size, progress=progress))
     print(f"      {report.summary()}")
 
-    print(f"[3/3] {s.folds}-fold patient-grouped cross-validation: ABMIL + CBC fusion and baselines")
+    print(f"[3/3] {s.folds}-fold patient-grouped cross-validation: ABMIL + CBC fusion and baselines "
+          "(on the morphology features)")
     config["cv"]["folds"] = s.folds
     config["train"]["seed"] = s.seed
     config["train"]["epochs"] = s.epochs
@@ -68,7 +73,8 @@ def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None,
     splits = patient_folds(y, s.folds, s.seed)  # the folds run_cv used (same seed)
     k = len(cohort.classes)
     cbc = cbc_design(cohort, ids, data["cbc_log_columns"])
-    cells = mean_pooled_features(cohort, bags_dir, ids)
+    columns = inspect_bags(cohort, bags_dir, ids, data["feature_blocks"]).columns
+    cells = mean_pooled_features(cohort, bags_dir, ids, columns)
     results = {
         "CBC only": run["baselines"]["cbc_only"]["patient"],
         "mean-pooled cells + CBC": classification_metrics(

@@ -186,3 +186,15 @@ def test_morphology_only_and_mpp_required(cohort, tmp_path: Path) -> None:
     assert report.cells > 0 and bag.feature_dim == len(MORPHOLOGY_FEATURES) and bag.backbone == "none"
     with pytest.raises(EmbedError, match="needs --morphology"):
         embed_cohort(cohort, tmp_path / "x", EmbedOptions(backbone="none", progress=False))
+
+
+def test_morphology_counts_vacuoles_only_in_vacuolated_cells() -> None:
+    rng = np.random.default_rng(4)
+    vacuoles = MORPHOLOGY_FEATURES.index("vacuole_count")
+    rate = {}
+    for cell_type in ("vacuolated_neutrophil", "neutrophil", "monocyte", "vacuolated_monocyte"):
+        counts = [morphology_features(render_crop(cell_type, rng, Stain.random(rng), size=96)[0], 0.25)[vacuoles]
+                  for _ in range(25)]
+        rate[cell_type] = np.mean(np.array(counts) >= 2)
+    assert rate["vacuolated_neutrophil"] > 0.8 and rate["vacuolated_monocyte"] > 0.8
+    assert rate["neutrophil"] < 0.1 and rate["monocyte"] < 0.1

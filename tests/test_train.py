@@ -235,3 +235,17 @@ def test_cv_refuses_too_few_patients_per_class(planted, tmp_path: Path) -> None:
     with pytest.raises(MilhemaError, match="needs at least 20 patients of every class"):
         run_cv(config, cohort, planted[1], tmp_path / "cv", progress=False)
     assert not (tmp_path / "cv").exists()
+
+
+def test_feature_blocks_select_columns(tmp_path: Path) -> None:
+    from milhema.errors import BagError
+    from milhema.train.data import block_columns
+
+    attrs = {"feature_blocks": "timm/resnet18:4,morphology:3"}
+    assert block_columns(attrs, ["morphology"], "s") == (4, 5, 6)
+    assert block_columns(attrs, ["timm/resnet18"], "s") == (0, 1, 2, 3)
+    assert block_columns(attrs, None, "s") is None
+    with pytest.raises(BagError, match="asks for morph but the bag holds timm/resnet18, morphology"):
+        block_columns(attrs, ["morph"], "s")
+    with pytest.raises(BagError, match="not embedded by milhema"):
+        block_columns({}, ["morphology"], "s")

@@ -26,9 +26,11 @@ MORPHOLOGY_FEATURES: tuple[str, ...] = (
     "cytoplasm_od_r", "cytoplasm_od_g", "cytoplasm_od_b",
     "chromatin_texture",      # sd of OD inside the nucleus (clumped vs fine chromatin)
     "granularity",            # mean |Laplacian of Gaussian| of OD in the cytoplasm
-    "vacuole_count",          # light holes of 0.15-6 µm² inside the cell outline
+    "vacuole_count",          # clear holes of 0.15-6 µm² enclosed by the cytoplasm
 )
 _MAX_CELL_RADIUS_UM = 12.0
+# Bumped whenever a feature's definition changes, so bags made before are not mixed with new ones.
+MORPHOLOGY_VERSION = 2
 
 
 def optical_density(rgb: np.ndarray) -> np.ndarray:
@@ -106,15 +108,24 @@ def morphology_features(rgb: np.ndarray, mpp: float) -> np.ndarray:
 
 
 def _vacuoles(total_od: np.ndarray, cell: np.ndarray, nucleus: np.ndarray, mpp: float) -> int:
-    """Light round holes inside the cell outline (its convex hull: vacuoles open onto the edge too)."""
+    """Clear holes enclosed by the cytoplasm: 0.15-6 µm², compact, much lighter than the cytoplasm.
+
+    Requiring the hole to lie inside the cell outline (not on it) and to be compact keeps the
+    light gaps between nuclear lobes and at a ragged cell edge from counting.
+    """
     cytoplasm = cell & ~nucleus
     if cytoplasm.sum() < 20:
         return 0
-    inside = ndi.binary_erosion(morphology.convex_hull_image(cell), morphology.disk(max(1, round(0.5 / mpp))))
     level = np.median(total_od[cytoplasm])
-    light = inside & ~ndi.binary_dilation(nucleus) & (ndi.gaussian_filter(total_od, 0.7) < 0.6 * level)
-    areas = np.bincount(measure.label(light).ravel())[1:] * mpp * mpp
-    return int(((areas >= 0.15) & (areas <= 6.0)).sum())
+    light = cell & ~ndi.binary_dilation(nucleus) & (total_od < 0.5 * level)
+    inner = ndi.binary_erosion(cell, morphology.disk(1))
+    labels = measure.label(light)
+    count = 0
+    for region in measure.regionprops(labels):
+        area = region.area * mpp * mpp
+        if 0.15 <= area <= 6.0 and region.extent >= 0.4 and inner[labels == region.label].all():
+            count += 1
+    return count
 
 
 def _lobes(nucleus: np.ndarray, mpp: float) -> int:

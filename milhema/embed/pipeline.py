@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from milhema.bags import read_bag_attrs, validate_bag, write_bag
 from milhema.data.manifest import Cohort, Slide
 from milhema.embed.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
-from milhema.embed.morphology import MORPHOLOGY_FEATURES, morphology_features
+from milhema.embed.morphology import MORPHOLOGY_FEATURES, MORPHOLOGY_VERSION, morphology_features
 from milhema.errors import BagError, EmbedError, MilhemaError
 from milhema.slides.crops import CropFolder, CropReadError, list_crops, read_crop
 
@@ -135,7 +135,7 @@ def _signature(opts: EmbedOptions, backbone: Backbone | None) -> str:
         "backbone": backbone.name if backbone else NO_BACKBONE,
         "weights_sha256": backbone.weights_sha256 if backbone else "none",
         "input_size": backbone.input_size if backbone else 0,
-        "morphology": opts.morphology,
+        "morphology": MORPHOLOGY_VERSION if opts.morphology else False,
     }, sort_keys=True)
 
 

@@ -8,10 +8,17 @@ nodes of one PyG mini-batch; padding never enters the graph.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
-from torch_geometric.nn import GATv2Conv, GENConv
-from torch_geometric.utils import scatter, softmax
+
+with warnings.catch_warnings():
+    # torch-geometric scripts a helper with torch.jit at import time, which torch >= 2.10 flags
+    # as deprecated; the warning is about the library, not about anything a user can change.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+    from torch_geometric.nn import GATv2Conv, GENConv
+    from torch_geometric.utils import scatter, softmax
 
 from milhema.models.attention import GatedAttention
 from milhema.models.base import MILModel, MILOutput, cell_encoder, require

@@ -31,8 +31,11 @@ def cbc_design(cohort: Cohort, patient_ids: Sequence[str], log_columns: Sequence
     return x
 
 
-def mean_pooled_features(cohort: Cohort, bags: str | Path, patient_ids: Sequence[str]) -> np.ndarray:
+def mean_pooled_features(cohort: Cohort, bags: str | Path, patient_ids: Sequence[str],
+                         columns: Sequence[int] | None = None) -> np.ndarray:
     """Mean of every cell's features over all slides of each patient, ``[P, D]`` float32.
+
+    ``columns`` restricts the features to those columns (see ``data.feature_blocks``).
 
     Raises:
         BagError: a slide has no bag, or feature sizes differ between bags.
@@ -47,6 +50,8 @@ def mean_pooled_features(cohort: Cohort, bags: str | Path, patient_ids: Sequence
             if not path.exists():
                 raise BagError(f"slide {slide.slide_id}: no bag file in {bags} (run milhema embed first)")
             bag = read_bag(path, thumbnails=False)
+            if columns is not None:
+                bag.features = bag.features[:, list(columns)]
             if dim is not None and bag.feature_dim != dim:
                 raise BagError(f"slide {slide.slide_id}: {bag.feature_dim} features per cell, other bags have {dim}")
             dim = bag.feature_dim

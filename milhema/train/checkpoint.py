@@ -72,6 +72,9 @@ def check_compatible(meta: Mapping[str, Any], bags: BagInfo, where: str) -> None
             f"the model in {where} was trained on bags from {trained['backbone']} ({trained['feature_dim']} "
             f"features per cell) but these bags come from {bags.backbone} ({bags.feature_dim}); "
             "embed the cohort with the same backbone and options")
+    if trained.get("columns") != (None if bags.columns is None else list(bags.columns)):
+        raise CheckpointError(f"the model in {where} used other feature columns of the bags than data.feature_blocks "
+                              "selects now; embed with the same options")
     if trained.get("weights_sha256") != bags.weights_sha256:
         raise CheckpointError(
             f"the model in {where} was trained on {trained['backbone']} features with weights "

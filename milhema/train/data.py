@@ -9,7 +9,7 @@ used.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,11 +58,37 @@ class PatientBag:
 
 @dataclass(frozen=True)
 class BagInfo:
-    """What every bag of a folder must share with the model: backbone and feature size."""
+    """What every bag of a folder must share with the model: backbone and feature size.
+
+    ``columns`` are the feature columns used (None = all) when ``data.feature_blocks`` selects
+    some of the blocks a bag was embedded with; ``feature_dim`` counts the used columns.
+    """
 
     backbone: str
     weights_sha256: str
     feature_dim: int
+    columns: tuple[int, ...] | None = None
+
+
+def block_columns(attrs: Mapping[str, object], wanted: Sequence[str] | None, where: str) -> tuple[int, ...] | None:
+    """Column indices of the feature blocks ``wanted`` (e.g. ``["morphology"]``), in bag order.
+
+    A bag from ``milhema embed`` records its blocks as ``"timm/resnet18:512,morphology:16"``.
+    """
+    if not wanted:
+        return None
+    layout = str(attrs.get("feature_blocks", ""))
+    blocks: dict[str, range] = {}
+    start = 0
+    for item in filter(None, layout.split(",")):
+        name, _, size = item.rpartition(":")
+        blocks[name] = range(start, start + int(size))
+        start += int(size)
+    missing = [w for w in wanted if w not in blocks]
+    if missing:
+        have = ", ".join(blocks) or "no named blocks (not embedded by milhema)"
+        raise BagError(f"{where}: data.feature_blocks asks for {', '.join(missing)} but the bag holds {have}")
+    return tuple(i for name in blocks if name in wanted for i in blocks[name])
 
 
 def resolve_views(cohort: Cohort, configured: Sequence[str] | None) -> list[str]:
@@ -73,7 +99,8 @@ def resolve_views(cohort: Cohort, configured: Sequence[str] | None) -> list[str]
     return found or ["all"]
 
 
-def inspect_bags(cohort: Cohort, bags: Path, patient_ids: Sequence[str]) -> BagInfo:
+def inspect_bags(cohort: Cohort, bags: Path, patient_ids: Sequence[str],
+                 feature_blocks: Sequence[str] | None = None) -> BagInfo:
     """Check that every slide of the patients has a bag and all bags share backbone and size."""
     info: BagInfo | None = None
     first = ""
@@ -83,11 +110,12 @@ def inspect_bags(cohort: Cohort, bags: Path, patient_ids: Sequence[str]) -> BagI
             if not path.exists():
                 raise BagError(f"slide {slide.slide_id}: no bag file in {bags} (run milhema embed first)")
             attrs = read_bag_attrs(path)
+            columns = block_columns(attrs, feature_blocks, f"slide {slide.slide_id}")
             here = BagInfo(str(attrs.get("backbone", "unknown")), str(attrs.get("weights_sha256", "none")),
-                           int(attrs["feature_dim"]))
+                           len(columns) if columns is not None else int(attrs["feature_dim"]), columns)
             if info is None:
                 info, first = here, slide.slide_id
-            elif here.feature_dim != info.feature_dim or here.backbone != info.backbone:
+            elif here != info:
                 raise BagError(f"slide {slide.slide_id}: bag made with {here.backbone} ({here.feature_dim} features) "
                                f"but slide {first} with {info.backbone} ({info.feature_dim}); re-embed one of them")
     if info is None:
@@ -98,11 +126,13 @@ def inspect_bags(cohort: Cohort, bags: Path, patient_ids: Sequence[str]) -> BagI
 class BagStore:
     """Loads patient bags from a bag folder; with ``cache`` each is read from disk once."""
 
-    def __init__(self, cohort: Cohort, bags: str | Path, views: Sequence[str], cache: bool = True) -> None:
+    def __init__(self, cohort: Cohort, bags: str | Path, views: Sequence[str], cache: bool = True,
+                 columns: Sequence[int] | None = None) -> None:
         self.cohort = cohort
         self.bags = Path(bags)
         self.views = list(views)
         self.cache = cache
+        self.columns = None if columns is None else np.asarray(columns)
         self._cached: dict[str, PatientBag] = {}
 
     def get(self, patient_id: str) -> PatientBag:
@@ -122,10 +152,12 @@ class BagStore:
         slide_ids = []
         for i, slide in enumerate(self.cohort.slides_of(patient_id)):
             bag = read_bag(self.bags / f"{slide.slide_id}.h5", thumbnails=False)
+            if self.columns is not None:
+                bag.features = bag.features[:, self.columns]
             view = view_of.get(slide.view or "", 0) if len(self.views) > 1 else 0
             parts.append((bag, i, view))
             slide_ids.append(slide.slide_id)
-        dim = parts[0][0].feature_dim if parts else 0
+        dim = parts[0][0].feature_dim if parts else (0 if self.columns is None else len(self.columns))
         label = self.cohort.labels([patient_id])[0]
         cbc = self.cohort.cbc_matrix([patient_id])[0].astype(np.float32)
         if not parts:

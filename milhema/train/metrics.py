@@ -72,7 +72,9 @@ def classification_metrics(y: np.ndarray, prob: np.ndarray, classes: Sequence[st
     out: dict[str, Any] = {}
     for name in SUMMARY_METRICS:
         std, ci = bootstrap(lambda idx, name=name: _point(name, y[idx], prob[idx], k), len(y), n_boot, seed)
-        out[name] = {"mean": _point(name, y, prob, k), "std": std, "ci95": ci}
+        with warnings.catch_warnings():  # a small cohort may never predict some class: expected
+            warnings.simplefilter("ignore")
+            out[name] = {"mean": _point(name, y, prob, k), "std": std, "ci95": ci}
     pred = prob.argmax(axis=1)
     out["confusion_matrix"] = confusion_matrix(y, pred, labels=list(range(k))).tolist()
     f1 = f1_score(y, pred, average=None, labels=list(range(k)), zero_division=0)

@@ -39,12 +39,12 @@ def run_predict(run: str | Path, cohort: Cohort, bags: str | Path, out: str | Pa
         raise CheckpointError(f"{run}/checkpoints holds no checkpoint")
     config = run_config(run)
     ids = cohort.patient_ids
-    info = inspect_bags(cohort, bags, ids)
+    info = inspect_bags(cohort, bags, ids, config["data"].get("feature_blocks"))
     models = [load_checkpoint(stem) for stem in stems]
     for (_, meta), stem in zip(models, stems, strict=True):
         check_compatible(meta, info, f"{run.name}/checkpoints/{stem.name}")
     classes = models[0][1]["spec"]["classes"]
-    store = BagStore(cohort, bags, models[0][1]["spec"]["views"], cache=True)
+    store = BagStore(cohort, bags, models[0][1]["spec"]["views"], cache=True, columns=info.columns)
     dev = resolve_device(device)
     batch_size = int(config["train"]["batch_size"])
     totals = {p: np.zeros(len(classes)) for p in ids}

@@ -104,15 +104,16 @@ def _prepare(config: Mapping[str, Any], cohort: Cohort, bags: Path) -> tuple[Bag
     labelled = [p for p in cohort.patient_ids if cohort.patients[p].label is not None]
     if not labelled:
         raise MilhemaError("no patient has a label: training needs labels in patients.csv")
-    info = inspect_bags(cohort, bags, labelled)
+    info = inspect_bags(cohort, bags, labelled, config["data"]["feature_blocks"])
     views = resolve_views(cohort, config["data"]["views"])
-    store = BagStore(cohort, bags, views, cache=config["data"]["cache"])
+    store = BagStore(cohort, bags, views, cache=config["data"]["cache"], columns=info.columns)
     spec = model_spec(config, info.feature_dim, cohort.classes, cohort.cbc_columns, views)
     return store, info, spec, labelled
 
 
 def _bag_meta(info: BagInfo) -> dict[str, Any]:
-    return {"backbone": info.backbone, "weights_sha256": info.weights_sha256, "feature_dim": info.feature_dim}
+    return {"backbone": info.backbone, "weights_sha256": info.weights_sha256, "feature_dim": info.feature_dim,
+            "columns": None if info.columns is None else list(info.columns)}
 
 
 def _history_writer(path: Path, **keys: Any) -> Callable[[dict[str, Any]], None]:
