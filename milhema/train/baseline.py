@@ -67,16 +67,20 @@ def logistic_model(seed: int = 0, c: float = 0.5) -> Pipeline:
                          LogisticRegression(C=c, max_iter=5000, class_weight="balanced", random_state=seed))
 
 
-def patient_folds(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def patient_folds(y: np.ndarray, folds: int, seed: int,
+                  classes: Sequence[str] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Label-stratified K-fold over patients (one row per patient, so a patient is never on both sides)."""
     counts = np.bincount(y[y >= 0])
     if len(y) < folds or counts[counts > 0].min() < folds:
+        names = classes or [str(i) for i in range(len(counts))]
+        found = ", ".join(f"{names[i]} {n}" for i, n in enumerate(counts) if n > 0)
         raise MilhemaError(f"{folds}-fold cross-validation needs at least {folds} patients of every class; "
-                           f"class counts are {counts.tolist()}")
+                           f"the cohort has {found} (use fewer --folds)")
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     splits = list(splitter.split(np.zeros(len(y)), y))
     for train, test in splits:
-        assert not set(train) & set(test)
+        if set(train) & set(test):  # cannot happen with one row per patient; checked because it must never
+            raise MilhemaError("internal check failed: a patient is in both the training and the test fold")
     return splits
 
 

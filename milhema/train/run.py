@@ -144,7 +144,7 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
         cbc = cbc_design(cohort, ids, config["data"]["cbc_log_columns"])
         bar = tqdm(total=folds * repeats, desc=f"cv {spec['model']}", unit="fold", disable=None if progress else True)
         for r in range(repeats):
-            splits = patient_folds(y, folds, t["seed"] + r)
+            splits = patient_folds(y, folds, t["seed"] + r, classes)
             cbc_probs[r] = cross_val_proba(cbc, y, splits, len(classes), t["seed"])
             for k, (train_idx, test_idx) in enumerate(splits):
                 train_ids = [ids[i] for i in train_idx]
