@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -137,7 +138,10 @@ def evaluate(model: PatientModel, bags: Sequence[PatientBag], config: Mapping[st
     y = torch.tensor([b.label for b in bags])
     logp = torch.log(torch.from_numpy(pred.probs).float().clamp_min(1e-8))
     loss = F.nll_loss(logp, y, weight=None if weights is None else weights.cpu())
-    return float(loss), float(balanced_accuracy_score(y.numpy(), pred.probs.argmax(1)))
+    with warnings.catch_warnings():  # a small validation split may lack a class: expected, not news
+        warnings.simplefilter("ignore")
+        bacc = balanced_accuracy_score(y.numpy(), pred.probs.argmax(1))
+    return float(loss), float(bacc)
 
 
 @torch.no_grad()
