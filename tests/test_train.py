@@ -249,3 +249,16 @@ def test_feature_blocks_select_columns(tmp_path: Path) -> None:
         block_columns(attrs, ["morph"], "s")
     with pytest.raises(BagError, match="not embedded by milhema"):
         block_columns({}, ["morphology"], "s")
+
+
+def test_same_seed_repeats_a_cpu_run_exactly(planted, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    config = _config("train.epochs=3")
+    cohort = load_cohort(planted[0], CLASSES, ["wbc", "hb"])
+    for name in ("a", "b"):
+        run_train(config, cohort, planted[1], tmp_path / name, progress=False)
+    a = load_file(str(tmp_path / "a" / "checkpoints" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "history.jsonl").read_text() == (tmp_path / "b" / "history.jsonl").read_text()

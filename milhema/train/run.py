@@ -79,6 +79,7 @@ def train_model(config: Mapping[str, Any], store: BagStore, spec: Mapping[str, A
                 progress: bool, desc: str) -> tuple[PatientModel, list[dict[str, Any]]]:
     """Fit preprocessing on the training patients, then train with early stopping on ``val_ids``."""
     train_bags, val_bags = store.many(train_ids), store.many(val_ids)
+    torch.manual_seed(config["train"]["seed"])  # initial weights: same seed, same run
     model = build_model(spec)
     model.feature_norm.fit(b.features for b in train_bags)
     if model.cbc_encoder is not None:
