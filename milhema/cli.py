@@ -13,9 +13,13 @@ import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from milhema import __version__
 from milhema.errors import MilhemaError
+
+if TYPE_CHECKING:
+    from milhema.data.manifest import Cohort
 
 EXIT_BAD_INPUT = 2
 
@@ -47,7 +51,7 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_for_training(args: argparse.Namespace, extra: list[str]) -> tuple[dict, object]:
+def _load_for_training(args: argparse.Namespace, extra: list[str]) -> tuple[dict[str, Any], Cohort]:
     from milhema.config import load_config
     from milhema.data.manifest import load_cohort
 

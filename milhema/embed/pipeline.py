@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import time
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,9 +124,7 @@ def _load(opts: EmbedOptions) -> Backbone | None:
         if not opts.morphology:
             raise EmbedError("--backbone none needs --morphology (otherwise there are no features)")
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        return load_backbone(opts.backbone, opts.weights, pretrained=opts.pretrained, input_size=opts.input_size)
+    return load_backbone(opts.backbone, opts.weights, pretrained=opts.pretrained, input_size=opts.input_size)
 
 
 def _signature(opts: EmbedOptions, backbone: Backbone | None) -> str:

@@ -55,7 +55,8 @@ def run_predict(run: str | Path, cohort: Cohort, bags: str | Path, out: str | Pa
     tested = {p for _, meta in models for p in meta.get("test_patients", [])}
     for model, meta in models:
         own = set(meta.get("test_patients", []))
-        assigned = [p for p in ids if ensemble or (p in own if p in tested else True)]
+        # Out-of-fold: a patient the run tested goes only to the models that held it out.
+        assigned = [p for p in ids if ensemble or p not in tested or p in own]
         if not assigned:
             continue
         result = predict_patients(model, store.many(assigned), batch_size, dev, bool(config["train"]["amp"]))
