@@ -32,7 +32,7 @@ class DemoSettings:
     backbone: str = "timm/resnet18"
     input_size: int = 128
     folds: int = 4
-    epochs: int = 80
+    epochs: int = 150
 
 
 def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None, progress: bool = True) -> dict:
