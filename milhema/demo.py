@@ -17,6 +17,7 @@ import numpy as np
 from milhema.config import default_config
 from milhema.data.manifest import load_cohort
 from milhema.embed.pipeline import EmbedOptions, embed_cohort
+from milhema.io import write_text
 from milhema.synth.cohort import synthesize_cohort
 from milhema.train.baseline import cbc_design, cross_val_proba, mean_pooled_features, patient_folds
 from milhema.train.data import inspect_bags
@@ -83,7 +84,7 @@ def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None,
     }
     _print_table(results)
     print(f"run folder (predictions, cell scores, checkpoints): {out / 'run'}")
-    (out / "demo_metrics.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_text(out / "demo_metrics.json", json.dumps(results, indent=2) + "\n")
     print(f"\ndone in {time.perf_counter() - started:.0f} s; metrics in {out / 'demo_metrics.json'}")
     return results
 

@@ -12,12 +12,9 @@ gives a byte-identical cohort whatever the number of worker processes.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +26,7 @@ from tqdm.auto import tqdm
 
 from milhema import __version__
 from milhema.errors import MilhemaError
+from milhema.io import atomic_folder, write_csv, write_text
 from milhema.synth.cbc import CBC_COLUMNS, sample_cbc
 from milhema.synth.composition import (
     DIFFICULTIES,
@@ -79,15 +77,9 @@ def synthesize_cohort(out: str | Path, n_patients: int = 40, seed: int = 0, diff
         raise MilhemaError(f"--patients must be at least 1, got {n_patients}")
     if cells_per_slide < 1 or crop_px < 32:
         raise MilhemaError("cells per slide must be ≥ 1 and crop size ≥ 32 px")
-    if out.exists() and any(out.iterdir()):
-        raise MilhemaError(f"{out} already exists and is not empty; choose a new folder or delete it")
-
     patients, jobs = _plan(n_patients, seed, difficulty, cells_per_slide, crop_px, missing_rate)
-    # Render into a temporary sibling folder and rename at the end: no half cohort under `out`.
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    # Rendered into a temporary sibling folder and renamed at the end: no half cohort under `out`.
+    with atomic_folder(out, what="cohort folder", hint="choose a new folder or delete it") as tmp:
         n_workers = max(1, min(workers or os.cpu_count() or 1, 8, len(jobs)))
         bar = tqdm(total=sum(j.n_cells for j in jobs), desc="synth", unit="cell", disable=None if progress else True)
         if n_workers == 1:
@@ -99,16 +91,11 @@ def synthesize_cohort(out: str | Path, n_patients: int = 40, seed: int = 0, diff
                     bar.update(done)
         bar.close()
         _write_manifest(tmp, patients, jobs)
-        (tmp / "synth.json").write_text(json.dumps({
+        write_text(tmp / "synth.json", json.dumps({
             "generator": f"milhema {__version__}", "seed": seed, "patients": n_patients,
             "difficulty": difficulty, "cells_per_slide": cells_per_slide, "crop_px": crop_px,
             "crop_um": 24.0, "mpp": 24.0 / crop_px, "missing_rate": missing_rate,
-        }, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        }, indent=2) + "\n")
     return out
 
 
@@ -152,14 +139,14 @@ def _render_slide(job: SlideJob, root: Path) -> int:
         cell_id = f"cell_{i:04d}.png"
         Image.fromarray(rgb).save(folder / cell_id, format="PNG", compress_level=6)
         rows.append((cell_id, cell_type, int(diagnostic)))
-    _write_csv(folder / "cells.csv", ["cell_id", "cell_type", "diagnostic"], rows)
+    write_csv(folder / "cells.csv", ["cell_id", "cell_type", "diagnostic"], rows)
     return len(cells)
 
 
 def _write_manifest(root: Path, patients: list[dict[str, object]], jobs: Sequence[SlideJob]) -> None:
     columns = ["patient_id", "label", "age", "sex", *CBC_COLUMNS]
-    _write_csv(root / "patients.csv", columns, [[_fmt(p[c]) for c in columns] for p in patients])
-    _write_csv(root / "slides.csv", ["slide_id", "patient_id", "source", "view", "mpp"],
+    write_csv(root / "patients.csv", columns, [[_fmt(p[c]) for c in columns] for p in patients])
+    write_csv(root / "slides.csv", ["slide_id", "patient_id", "source", "view", "mpp"],
                [[j.slide_id, j.slide_id.rsplit("_S", 1)[0], f"slides/{j.slide_id}", j.view,
                  f"{24.0 / j.crop_px:.4f}"] for j in jobs])
 
@@ -168,11 +155,3 @@ def _fmt(value: object) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:g}"
     return str(value)
-
-
-def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    path.write_text(buffer.getvalue(), encoding="utf-8")

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from milhema import __version__
 from milhema.errors import MilhemaError
+from milhema.io import write_text
 from milhema.train.data import BagInfo
 from milhema.train.model import PatientModel, build_model
 
@@ -35,9 +36,7 @@ def save_checkpoint(stem: Path, model: PatientModel, spec: Mapping[str, Any], me
     os.replace(tmp, weights)
     document = {"format": "milhema-checkpoint", "format_version": 1, "created_with": f"milhema {__version__}",
                 "spec": dict(spec), **dict(meta)}
-    tmp = stem.with_name(f".{stem.name}.json.tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, stem.with_suffix(".json"))
+    write_text(stem.with_suffix(".json"), json.dumps(document, indent=2) + "\n")
     return weights
 
 

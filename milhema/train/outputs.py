@@ -1,31 +1,18 @@
 """Writing a run folder's tables: predictions, slide predictions, per-cell scores.
 
-Files are written under a temporary name and renamed, like every output of milhema.
+Files are written under a temporary name and renamed (:mod:`milhema.io`).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import rankdata
 
+from milhema.io import write_csv
 from milhema.train.data import PatientBag
-
-
-def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buffer.getvalue(), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def prediction_rows(ids: Sequence[str], labels: Sequence[str | None], probs: np.ndarray, classes: Sequence[str],

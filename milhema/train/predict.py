@@ -15,11 +15,12 @@ import yaml
 
 from milhema.data.manifest import Cohort
 from milhema.errors import MilhemaError
+from milhema.io import atomic_folder, write_csv
 from milhema.train.checkpoint import CheckpointError, check_compatible, load_checkpoint
 from milhema.train.data import BagStore, inspect_bags
 from milhema.train.loop import resolve_device
-from milhema.train.outputs import prediction_header, prediction_rows, write_cell_scores, write_csv
-from milhema.train.run import predict_patients, run_folder
+from milhema.train.outputs import prediction_header, prediction_rows, write_cell_scores
+from milhema.train.run import predict_patients
 
 
 def run_config(run: Path) -> dict[str, Any]:
@@ -75,7 +76,7 @@ def run_predict(run: str | Path, cohort: Cohort, bags: str | Path, out: str | Pa
             slide_patient[sid] = result.slide_patient[j]
     probs = np.array([totals[p] / max(counts[p], 1) for p in ids])
     slide_counts = {sid: counts[slide_patient[sid]] for sid in slide_sum}
-    with run_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite=overwrite, what="output folder") as tmp:
         labels = [cohort.patients[p].label for p in ids]
         write_csv(tmp / "predictions.csv", prediction_header("patient_id", classes, ["n_models"]),
                   prediction_rows(ids, labels, probs, classes, [(counts[p],) for p in ids]))

@@ -7,10 +7,8 @@ never looks finished.
 from __future__ import annotations
 
 import json
-import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from tqdm.auto import tqdm
 from milhema.config import dump_config
 from milhema.data.manifest import Cohort
 from milhema.errors import MilhemaError
+from milhema.io import atomic_folder
 from milhema.train.baseline import cbc_design, cross_val_proba, patient_folds
 from milhema.train.checkpoint import save_checkpoint
 from milhema.train.data import BagInfo, BagStore, PatientBag, inspect_bags, resolve_views
@@ -41,28 +40,6 @@ class FoldResult:
     slide_ids: list[str]
     slide_patient: list[str]
     slide: Prediction
-
-
-@contextmanager
-def run_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary folder that becomes ``out`` only when the block completes."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MilhemaError(f"run folder {out} already exists; choose another --out or pass --overwrite")
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def inner_split(ids: Sequence[str], y: np.ndarray, fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -135,7 +112,7 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
     t = config["train"]
     started = time.perf_counter()
     classes = cohort.classes
-    with run_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite=overwrite, what="run folder") as tmp:
         (tmp / "config.yaml").write_text(dump_config(config), encoding="utf-8")
         patient_probs = np.zeros((repeats, len(ids), len(classes)))
         cbc_probs = np.zeros((repeats, len(ids), len(classes)))
@@ -225,7 +202,7 @@ def run_train(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: 
     y = cohort.labels(ids)
     t = config["train"]
     device = resolve_device(t["device"])
-    with run_folder(out, overwrite) as tmp:
+    with atomic_folder(out, overwrite=overwrite, what="run folder") as tmp:
         (tmp / "config.yaml").write_text(dump_config(config), encoding="utf-8")
         train_ids, val_ids = inner_split(ids, y, t["val_fraction"], t["seed"])
         model, history = train_model(config, store, spec, train_ids, val_ids, device,
