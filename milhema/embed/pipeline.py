@@ -72,6 +72,8 @@ class EmbedReport:
         return self.cells / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
+        if not self.written:
+            return f"all {len(self.skipped)} bags were already embedded with these settings; nothing to do"
         text = (f"embedded {self.cells} cells of {len(self.written)} slides in {self.seconds:.1f} s "
                 f"({self.cells_per_s:.0f} cells/s); {len(self.skipped)} finished bags kept")
         if self.empty:
