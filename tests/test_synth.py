@@ -91,13 +91,16 @@ def test_diagnostic_cells_are_a_minority_at_documented_rates(difficulty: str) ->
         assert low * 0.3 < np.median(fractions) < high * 1.1, (diagnosis, np.median(fractions))
 
 
-def test_renderer_makes_distinct_cell_types() -> None:
+def test_renderer_puts_one_stained_cell_in_the_centre_of_every_crop() -> None:
     rng = np.random.default_rng(0)
     stain = Stain.default()
     for cell_type in CELL_TYPES:
         rgb, nucleus = render_crop(cell_type, rng, stain, size=96)
         assert rgb.shape == (96, 96, 3) and rgb.dtype == np.uint8 and nucleus.shape == (96, 96)
-        assert 200 < rgb[:4, :4].mean() <= 255 or rgb[:, :4].mean() > 150  # light smear background
+        ys, xs = np.nonzero(nucleus)
+        assert len(ys) > 20, cell_type  # a nucleus (or smudged chromatin) is drawn
+        assert abs(ys.mean() - 47.5) < 20 and abs(xs.mean() - 47.5) < 20, cell_type  # near the centre
+        assert rgb[nucleus].mean() < rgb[~nucleus].mean() - 30, cell_type  # chromatin darker than the rest
     with pytest.raises(ValueError, match="unknown cell type"):
         render_crop("megakaryocyte", rng, stain)
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from milhema.bags import read_bag_attrs, validate_bag, write_bag
 from milhema.data.manifest import Cohort, Slide
+from milhema.device import resolve_device
 from milhema.embed.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
 from milhema.embed.morphology import MORPHOLOGY_FEATURES, MORPHOLOGY_VERSION, morphology_features
 from milhema.errors import BagError, EmbedError, MilhemaError
@@ -220,21 +221,9 @@ class _SlideBuffer:
     seen: int = 0
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise EmbedError(f"--device {device!r}: {exc}") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise EmbedError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
-    return resolved
-
-
 def _run(out: Path, slides: list[Slide], sources: list[CropFolder], backbone: Backbone | None,
          signature: str, opts: EmbedOptions, report: EmbedReport) -> None:
-    device = _resolve_device(opts.device)
+    device = resolve_device(opts.device)
     items = [(i, path) for i, src in enumerate(sources) for path in src.paths]
     mpps = [s.mpp if s.mpp is not None else math.nan for s in slides]
     input_size = backbone.input_size if backbone else 0

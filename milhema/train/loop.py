@@ -35,12 +35,6 @@ class Prediction:
     class_cell_scores: list[np.ndarray | None]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     """Inverse-frequency weights ``n / (K · n_k)`` (1 for absent classes)."""
     counts = np.bincount(labels, minlength=n_classes).astype(float)

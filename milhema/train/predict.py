@@ -14,11 +14,11 @@ import numpy as np
 import yaml
 
 from milhema.data.manifest import Cohort
+from milhema.device import resolve_device
 from milhema.errors import MilhemaError
 from milhema.io import atomic_folder, write_csv
 from milhema.train.checkpoint import CheckpointError, check_compatible, load_checkpoint
 from milhema.train.data import BagStore, inspect_bags
-from milhema.train.loop import resolve_device
 from milhema.train.outputs import prediction_header, prediction_rows, write_cell_scores
 from milhema.train.run import predict_patients
 

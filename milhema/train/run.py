@@ -20,12 +20,13 @@ from tqdm.auto import tqdm
 
 from milhema.config import dump_config
 from milhema.data.manifest import Cohort
+from milhema.device import resolve_device
 from milhema.errors import MilhemaError
 from milhema.io import atomic_folder
 from milhema.train.baseline import cbc_design, cross_val_proba, patient_folds
 from milhema.train.checkpoint import save_checkpoint
 from milhema.train.data import BagInfo, BagStore, PatientBag, inspect_bags, resolve_views
-from milhema.train.loop import Prediction, fit, predict, resolve_device
+from milhema.train.loop import Prediction, fit, predict
 from milhema.train.metrics import classification_metrics, summarise_repeats
 from milhema.train.model import PatientModel, build_model, model_spec
 from milhema.train.outputs import prediction_header, prediction_rows, write_cell_scores, write_csv
