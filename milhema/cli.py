@@ -28,8 +28,10 @@ def _synth(args: argparse.Namespace) -> int:
     from milhema.synth.cohort import synthesize_cohort
 
     out = synthesize_cohort(args.out, args.patients, args.seed, args.difficulty, cells_per_slide=args.cells,
-                            crop_px=args.crop_px, workers=args.workers, progress=not args.quiet)
-    print(f"wrote a simulated cohort of {args.patients} patients to {out}")
+                            crop_px=args.crop_px, wsi=args.wsi, wsi_size=args.wsi_size, workers=args.workers,
+                            progress=not args.quiet)
+    kind = "scanned smears" if args.wsi else "crop folders"
+    print(f"wrote a simulated cohort of {args.patients} patients ({kind}) to {out}")
     return 0
 
 
@@ -44,7 +46,7 @@ def _embed(args: argparse.Namespace) -> int:
         backbone=args.backbone, weights=args.weights, pretrained=not args.no_pretrained, morphology=args.morphology,
         input_size=args.input_size, device=args.device, batch_size=args.batch_size, workers=args.workers,
         shard=parse_shard(args.shard), overwrite=args.overwrite, fail_on_bad_image=args.fail_on_bad_image,
-        progress=not args.quiet,
+        progress=not args.quiet, crop_um=args.crop_um,
     )
     report = embed_cohort(cohort, args.out, options)
     print(report.summary())
@@ -130,7 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="same seed = byte-identical cohort (default 0)")
     p.add_argument("--difficulty", choices=("easy", "default", "hard"), default="default",
                    help="how rare the diagnostic cells are (see docs/SIMULATION.md)")
-    p.add_argument("--cells", type=_positive_int, default=120, help="mean white cells per slide (default 120)")
+    p.add_argument("--cells", type=_positive_int, default=None,
+                   help="mean white cells per slide (default 120; 300 with --wsi)")
+    p.add_argument("--wsi", action="store_true",
+                   help="write each slide as a pyramidal TIFF scan of a smear (0.25 µm/px) instead of crops")
+    p.add_argument("--wsi-size", type=_positive_int, default=None,
+                   help="side of each scan in px (default: room for its cells at a typical density)")
     p.add_argument("--crop-px", type=_positive_int, default=96, help="crop side in pixels, spanning 24 µm (default 96)")
     p.add_argument("--workers", type=_positive_int, default=None, help="rendering processes (default: CPUs)")
     p.set_defaults(func=_synth)
@@ -153,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default="0/1", help="I/N: embed slides I, I+N, I+2N, ... (0-based; default 0/1)")
     p.add_argument("--overwrite", action="store_true", help="redo bags that are already finished")
     p.add_argument("--fail-on-bad-image", action="store_true", help="stop at an unreadable crop instead of skipping it")
+    p.add_argument("--crop-um", type=float, default=24.0,
+                   help="side of the square cut around each detected cell of a scan, in µm (default 24)")
     p.set_defaults(func=_embed)
 
     for name, text in (("train", "train one model, early stopping on an inner validation split"),

@@ -1,7 +1,9 @@
 """Embed every cell of a cohort once into one bag file per slide.
 
-One DataLoader streams the cells of all pending slides in order: workers decode and resize the
-crops (and compute morphology features), the main process normalises and runs the frozen
+Scanned smears are first searched for white cells (:mod:`milhema.slides.detect`, cached under
+``<out>/detections/``); crop folders are listed. Then one DataLoader streams the cells of all
+pending slides in order: workers decode crop files or cut ``crop_um`` squares out of the scans,
+resize them (and compute morphology features), the main process normalises and runs the frozen
 backbone in batches, and a background thread writes each bag as soon as its last cell is
 embedded. Finished bags made with the same backbone are skipped, so an interrupted run resumes.
 """
@@ -29,7 +31,8 @@ from milhema.device import resolve_device
 from milhema.embed.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
 from milhema.embed.morphology import MORPHOLOGY_FEATURES, MORPHOLOGY_VERSION, morphology_features
 from milhema.errors import BagError, EmbedError, MilhemaError
-from milhema.slides.crops import CropFolder, CropReadError, list_crops, read_crop
+from milhema.slides.detect import DetectOptions
+from milhema.slides.source import CellSource, open_source
 
 log = logging.getLogger(__name__)
 THUMBNAIL_PX = 64
@@ -55,6 +58,8 @@ class EmbedOptions:
     fail_on_bad_image: bool = False
     amp: bool = True
     progress: bool = True
+    crop_um: float = 24.0            # side of a cell crop cut from a scan, in µm
+    detector: str = "stain"
 
 
 @dataclass
@@ -64,6 +69,7 @@ class EmbedReport:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     empty: list[str] = field(default_factory=list)
+    detections: list[str] = field(default_factory=list)   # one QC line per scanned slide
     bad_images: int = 0
     cells: int = 0
     seconds: float = 0.0
@@ -81,6 +87,8 @@ class EmbedReport:
             text += f"; {len(self.empty)} slides without cells: {', '.join(self.empty[:5])}"
         if self.bad_images:
             text += f"; {self.bad_images} unreadable images skipped"
+        if self.detections:
+            text = "\n".join([*self.detections, text])
         return text
 
 
@@ -103,21 +111,29 @@ def embed_cohort(cohort: Cohort, out: str | Path, options: EmbedOptions | None =
     index, count = opts.shard
     slides = cohort.slides[index::count]
     backbone = _load(opts)
-    signature = _signature(opts, backbone)
     report = EmbedReport()
     pending = []
     for slide in slides:
         _remove_stale_temporaries(out, slide.slide_id)
+        signature = _signature(opts, backbone, scan=not slide.source.is_dir())
         if not opts.overwrite and _finished(out / f"{slide.slide_id}.h5", signature):
             report.skipped.append(slide.slide_id)
         else:
             pending.append(slide)
     if not pending:
         return report
-    sources = [_source(slide) for slide in pending]
-    _check_mpp(pending, opts.morphology)
+    workers = opts.workers if opts.workers is not None else min(4, max(1, (os.cpu_count() or 2) // 2))
+    detect = DetectOptions(workers=max(1, min(os.cpu_count() or 1, 8)), progress=opts.progress)
+    sources = []
+    for slide in pending:
+        source = open_source(slide, out / "detections", opts.crop_um, opts.detector, detect)
+        if source.qc:
+            report.detections.append(source.qc)
+            log.info(source.qc)
+        sources.append(source)
+    _check_mpp(sources, opts.morphology)
     start = time.perf_counter()
-    _run(out, pending, sources, backbone, signature, opts, report)
+    _run(out, pending, sources, backbone, opts, report, workers)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -130,13 +146,18 @@ def _load(opts: EmbedOptions) -> Backbone | None:
     return load_backbone(opts.backbone, opts.weights, pretrained=opts.pretrained, input_size=opts.input_size)
 
 
-def _signature(opts: EmbedOptions, backbone: Backbone | None) -> str:
-    return json.dumps({
+def _signature(opts: EmbedOptions, backbone: Backbone | None, scan: bool) -> str:
+    """What a bag's features depend on; a scan's also on the crop size and the detector."""
+    made = {
         "backbone": backbone.name if backbone else NO_BACKBONE,
         "weights_sha256": backbone.weights_sha256 if backbone else "none",
         "input_size": backbone.input_size if backbone else 0,
         "morphology": MORPHOLOGY_VERSION if opts.morphology else False,
-    }, sort_keys=True)
+    }
+    if scan:
+        made |= {"crop_um": opts.crop_um, "detector": opts.detector,
+                 "detect": DetectOptions().signature() if opts.detector == "stain" else ""}
+    return json.dumps(made, sort_keys=True)
 
 
 def _finished(path: Path, signature: str) -> bool:
@@ -160,29 +181,25 @@ def _remove_stale_temporaries(out: Path, slide_id: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _source(slide: Slide) -> CropFolder:
-    if slide.source.is_dir():
-        return list_crops(slide.slide_id, slide.source)
-    raise EmbedError(f"slide {slide.slide_id}: source {slide.source} is not a folder of crops "
-                     "(whole-slide images are not supported by this version)")
-
-
-def _check_mpp(slides: list[Slide], morphology: bool) -> None:
+def _check_mpp(sources: list[CellSource], morphology: bool) -> None:
     if not morphology:
         return
-    for slide in slides:
-        if slide.mpp is None:
-            raise EmbedError(f"slide {slide.slide_id}: --morphology measures in µm and needs the slide's "
+    for source in sources:
+        if source.mpp is None:
+            raise EmbedError(f"slide {source.slide_id}: --morphology measures in µm and needs the slide's "
                              "microns per pixel; add an 'mpp' column to slides.csv")
 
 
 class _CellImages(Dataset):
-    """Item i -> decoded, resized crop of cell i of the flattened cohort (runs in loader workers)."""
+    """Item i -> decoded, resized crop of cell i of the flattened cohort (runs in loader workers).
 
-    def __init__(self, items: list[tuple[int, Path]], mpps: list[float], input_size: int, filter_name: str,
-                 morphology: bool) -> None:
+    Scans are opened lazily once per worker process (a :class:`WholeSlide` reopens after pickling).
+    """
+
+    def __init__(self, items: list[tuple[int, int]], sources: list[CellSource], input_size: int,
+                 filter_name: str, morphology: bool) -> None:
         self.items = items
-        self.mpps = mpps
+        self.sources = sources
         self.input_size = input_size
         self.resample = _FILTERS.get(filter_name, Image.Resampling.BICUBIC)
         self.morphology = morphology
@@ -191,12 +208,13 @@ class _CellImages(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, object]:
-        slide_index, path = self.items[i]
+        slide_index, cell = self.items[i]
+        source = self.sources[slide_index]
         size = self.input_size
         n_morph = len(MORPHOLOGY_FEATURES) if self.morphology else 0
         try:
-            rgb = read_crop(path)
-        except CropReadError as exc:
+            rgb = source.read(cell)
+        except MilhemaError as exc:
             return {"slide": slide_index, "ok": False, "error": str(exc), "crop_px": 0,
                     "image": torch.zeros(3, size, size, dtype=torch.uint8),
                     "thumb": torch.zeros(THUMBNAIL_PX, THUMBNAIL_PX, 3, dtype=torch.uint8),
@@ -204,7 +222,8 @@ class _CellImages(Dataset):
         image = Image.fromarray(rgb)
         resized = np.array(image.resize((size, size), self.resample)) if size else rgb[:1, :1].copy()
         thumb = np.array(image.resize((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.BILINEAR, reducing_gap=2.0))
-        morph = morphology_features(rgb, self.mpps[slide_index]) if self.morphology else np.zeros(0, np.float32)
+        mpp = source.mpp if source.mpp is not None else math.nan
+        morph = morphology_features(rgb, mpp) if self.morphology else np.zeros(0, np.float32)
         return {"slide": slide_index, "ok": True, "error": "", "crop_px": int(rgb.shape[0]),
                 "image": torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))),
                 "thumb": torch.from_numpy(thumb), "morph": torch.from_numpy(morph)}
@@ -213,7 +232,7 @@ class _CellImages(Dataset):
 @dataclass
 class _SlideBuffer:
     slide: Slide
-    source: CropFolder
+    source: CellSource
     features: list[np.ndarray] = field(default_factory=list)
     thumbs: list[np.ndarray] = field(default_factory=list)
     ok: list[np.ndarray] = field(default_factory=list)
@@ -221,15 +240,13 @@ class _SlideBuffer:
     seen: int = 0
 
 
-def _run(out: Path, slides: list[Slide], sources: list[CropFolder], backbone: Backbone | None,
-         signature: str, opts: EmbedOptions, report: EmbedReport) -> None:
+def _run(out: Path, slides: list[Slide], sources: list[CellSource], backbone: Backbone | None,
+         opts: EmbedOptions, report: EmbedReport, workers: int) -> None:
     device = resolve_device(opts.device)
-    items = [(i, path) for i, src in enumerate(sources) for path in src.paths]
-    mpps = [s.mpp if s.mpp is not None else math.nan for s in slides]
+    items = [(i, cell) for i, src in enumerate(sources) for cell in range(len(src))]
     input_size = backbone.input_size if backbone else 0
-    dataset = _CellImages(items, mpps, input_size, backbone.interpolation if backbone else "bilinear",
+    dataset = _CellImages(items, sources, input_size, backbone.interpolation if backbone else "bilinear",
                           opts.morphology)
-    workers = opts.workers if opts.workers is not None else min(4, max(1, (os.cpu_count() or 2) // 2))
     loader = DataLoader(dataset, batch_size=opts.batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if workers > 0 else None)
@@ -249,7 +266,7 @@ def _run(out: Path, slides: list[Slide], sources: list[CropFolder], backbone: Ba
         nonlocal next_to_flush
         while next_to_flush < upto:
             buf = buffers[next_to_flush]
-            pending_writes.append(writer.submit(_write, out, buf, backbone, signature, opts, report))
+            pending_writes.append(writer.submit(_write, out, buf, backbone, opts, report))
             next_to_flush += 1
 
     bar = tqdm(total=len(items), desc="embed", unit="cell", disable=None if opts.progress else True, smoothing=0.1)
@@ -285,7 +302,7 @@ def _run(out: Path, slides: list[Slide], sources: list[CropFolder], backbone: Ba
                 bar.update(len(ok))
                 # Slides are contiguous in the loader: every slide before the last one seen is complete.
                 last = int(slide_idx[-1])
-                complete = last + 1 if buffers[last].seen == len(buffers[last].source.paths) else last
+                complete = last + 1 if buffers[last].seen == len(buffers[last].source) else last
                 flush_ready(complete)
         flush_ready(len(buffers))  # includes slides with no crops at all
         for future in pending_writes:
@@ -295,7 +312,7 @@ def _run(out: Path, slides: list[Slide], sources: list[CropFolder], backbone: Ba
         writer.shutdown(wait=True)
 
 
-def _write(out: Path, buf: _SlideBuffer, backbone: Backbone | None, signature: str, opts: EmbedOptions,
+def _write(out: Path, buf: _SlideBuffer, backbone: Backbone | None, opts: EmbedOptions,
            report: EmbedReport) -> None:
     slide, src = buf.slide, buf.source
     n_dims = (backbone.feature_dim if backbone else 0) + (len(MORPHOLOGY_FEATURES) if opts.morphology else 0)
@@ -304,16 +321,18 @@ def _write(out: Path, buf: _SlideBuffer, backbone: Backbone | None, signature: s
     thumbs = np.concatenate(buf.thumbs)[ok] if buf.thumbs else np.zeros((0, THUMBNAIL_PX, THUMBNAIL_PX, 3), np.uint8)
     keep = np.flatnonzero(ok)
     cell_ids = [src.cell_ids[i] for i in keep]
+    signature = _signature(opts, backbone, scan=src.slide is not None)
     blocks = ([f"{backbone.name}:{backbone.feature_dim}"] if backbone else []) + (
         [f"morphology:{len(MORPHOLOGY_FEATURES)}"] if opts.morphology else [])
     write_bag(
         out / f"{slide.slide_id}.h5", features.astype(np.float16), slide_id=slide.slide_id,
-        patient_id=slide.patient_id, cell_ids=cell_ids, thumbnails=thumbs,
+        patient_id=slide.patient_id, cell_ids=cell_ids, thumbnails=thumbs, coords=src.coords[keep],
+        bboxes=None if src.bboxes is None else src.bboxes[keep],
         cell_types=None if src.cell_types is None else [src.cell_types[i] for i in keep],
-        diagnostic=None if src.diagnostic is None else np.array([src.diagnostic[i] for i in keep], dtype=bool),
+        diagnostic=None if src.diagnostic is None else src.diagnostic[keep],
         backbone=backbone.name if backbone else NO_BACKBONE,
         weights_sha256=backbone.weights_sha256 if backbone else "none",
-        mpp=slide.mpp if slide.mpp is not None else math.nan, crop_px=buf.crop_px,
+        mpp=src.mpp if src.mpp is not None else math.nan, crop_px=src.crop_px or buf.crop_px,
         extra_attrs={"embed_signature": signature, "feature_blocks": ",".join(blocks),
                      "input_size": backbone.input_size if backbone else 0,
                      "morphology_features": ",".join(MORPHOLOGY_FEATURES) if opts.morphology else ""},

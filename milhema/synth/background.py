@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -59,30 +60,51 @@ def _rbc_template(mpp: float, d_idx: int, a_idx: int, ang_idx: int) -> tuple[np.
     return body, pallor
 
 
-def _draw_rbcs(layer: np.ndarray, pts: np.ndarray, rng: np.random.Generator, mpp: float) -> None:
-    """Add red cells (eosin density) at pts [n, 2] (x, y px) into ``layer`` [H, W], each with its own
-    size, shape, haemoglobin content and pallor."""
-    n = pts.shape[0]
-    if n == 0:
-        return
+class _RbcParams(NamedTuple):
+    """Per-red-cell draw parameters (one entry per cell)."""
+
+    d_idx: np.ndarray
+    a_idx: np.ndarray
+    ang_idx: np.ndarray
+    density: np.ndarray
+    pallor: np.ndarray
+
+    def take(self, keep: np.ndarray) -> _RbcParams:
+        return _RbcParams(*(a[keep] for a in self))
+
+
+def _rbc_params(n: int, rng: np.random.Generator) -> _RbcParams:
+    """Size, shape, haemoglobin content and pallor of ``n`` red cells."""
     d_idx = np.rint(np.clip(rng.normal(_RBC_DIAMETER, 0.45, n), 6.2, 9.0) / _RBC_D_STEP).astype(int)
     a_idx = np.rint(np.abs(rng.normal(0.0, 0.05, n)) / _RBC_ASPECT_STEP).clip(0, 4).astype(int)
     ang_idx = rng.integers(0, _RBC_N_ANGLES, n) * (a_idx > 0)   # a round cell has no orientation
     density = rng.uniform(0.6, 0.8, n)
     pallor = rng.uniform(0.4, 0.7, n)
+    return _RbcParams(d_idx, a_idx, ang_idx, density, pallor)
+
+
+def _draw_rbcs(layer: np.ndarray, pts: np.ndarray, rng: np.random.Generator, mpp: float) -> None:
+    """Add red cells (eosin density) at pts [n, 2] (x, y px) into ``layer`` [H, W], each with its own
+    size, shape, haemoglobin content and pallor."""
+    if pts.shape[0]:
+        _draw_rbcs_with(layer, pts, _rbc_params(pts.shape[0], rng), mpp)
+
+
+def _draw_rbcs_with(layer: np.ndarray, pts: np.ndarray, params: _RbcParams, mpp: float) -> None:
+    """Add red cells with given parameters; cells hanging over the border of ``layer`` are clipped."""
     xs = np.rint(pts[:, 0]).astype(int)
     ys = np.rint(pts[:, 1]).astype(int)
     H, W = layer.shape
-    for i in range(n):
-        body, pal = _rbc_template(mpp, int(d_idx[i]), int(a_idx[i]), int(ang_idx[i]))
+    for i in range(pts.shape[0]):
+        body, pal = _rbc_template(mpp, int(params.d_idx[i]), int(params.a_idx[i]), int(params.ang_idx[i]))
         half = body.shape[0] // 2
         y0, x0 = ys[i] - half, xs[i] - half
         ty = slice(max(-y0, 0), min(H - y0, body.shape[0]))
         tx = slice(max(-x0, 0), min(W - x0, body.shape[1]))
         if ty.start >= ty.stop or tx.start >= tx.stop:
             continue
-        patch = body[ty, tx] - np.float32(pallor[i]) * pal[ty, tx]
-        layer[y0 + ty.start:y0 + ty.stop, x0 + tx.start:x0 + tx.stop] += np.float32(density[i]) * patch
+        patch = body[ty, tx] - np.float32(params.pallor[i]) * pal[ty, tx]
+        layer[y0 + ty.start:y0 + ty.stop, x0 + tx.start:x0 + tx.stop] += np.float32(params.density[i]) * patch
 
 
 def _rbc_positions(shape: tuple[int, int], rng: np.random.Generator, mpp: float,

@@ -6,6 +6,11 @@ Layout of ``out``::
     slides/<slide_id>/<cell_id>.png      RGB crops (CellaVision-style export)
     slides/<slide_id>/cells.csv          truth: cell_id, cell_type, diagnostic
 
+or, with ``wsi=True``, one scanned smear per slide::
+
+    slides/<slide_id>.tiff               pyramidal tiled JPEG TIFF, mpp in the resolution tags
+    slides/<slide_id>.cells.csv          truth: cell_id, x, y, x0, y0, x1, y1 (level-0 px), cell_type, diagnostic
+
 Every random draw comes from a generator seeded by (seed, patient, slide), so the same seed
 gives a byte-identical cohort whatever the number of worker processes.
 """
@@ -17,7 +22,7 @@ import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,7 @@ from tqdm.auto import tqdm
 from milhema import __version__
 from milhema.errors import MilhemaError
 from milhema.io import atomic_folder, write_csv, write_text
+from milhema.slides.wsi import TRUTH_SUFFIX
 from milhema.synth.cbc import CBC_COLUMNS, sample_cbc
 from milhema.synth.composition import (
     DIFFICULTIES,
@@ -36,6 +42,7 @@ from milhema.synth.composition import (
     slide_cells,
 )
 from milhema.synth.crop import render_crop
+from milhema.synth.smear import TRUTH_HEADER, default_size, plan_smear, write_smear
 from milhema.synth.stain import Stain
 
 DIAGNOSES = ("AML", "MDS", "VEXAS", "reactive")
@@ -55,16 +62,24 @@ class SlideJob:
     differential: tuple[float, ...]
     crop_px: int
     stain_strength: float
+    wsi_size: int | None = None   # side of a whole-slide scan in px; None = crop folder
+
+
+WSI_MPP = 0.25   # µm per pixel of simulated scans (a 100x objective; DOMAIN.md)
 
 
 def synthesize_cohort(out: str | Path, n_patients: int = 40, seed: int = 0, difficulty: str = "default", *,
-                      cells_per_slide: int = 120, crop_px: int = 96, missing_rate: float = 0.1,
-                      workers: int | None = None, progress: bool = True) -> Path:
+                      cells_per_slide: int | None = None, crop_px: int = 96, missing_rate: float = 0.1,
+                      wsi: bool = False, wsi_size: int | None = None, workers: int | None = None,
+                      progress: bool = True) -> Path:
     """Write a simulated cohort of ``n_patients`` patients into ``out`` and return it.
 
     Args:
-        cells_per_slide: mean number of white cells per slide (each slide draws 0.6–1.4 times it).
+        cells_per_slide: mean number of white cells per slide (each slide draws 0.6–1.4 times it);
+            default 120 for crop folders, 300 for whole-slide scans.
         crop_px: side of the square crops in pixels; a crop always spans 24 µm.
+        wsi: write each slide as a scanned smear (pyramidal TIFF at 0.25 µm/px) instead of crops.
+        wsi_size: side of each scan in px (default: room for the slide's cells at a typical density).
         workers: processes rendering slides in parallel (default: the number of CPUs, at most 8).
 
     Raises:
@@ -75,9 +90,15 @@ def synthesize_cohort(out: str | Path, n_patients: int = 40, seed: int = 0, diff
         raise MilhemaError(f"--difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")
     if n_patients < 1:
         raise MilhemaError(f"--patients must be at least 1, got {n_patients}")
+    if cells_per_slide is None:
+        cells_per_slide = 300 if wsi else 120
     if cells_per_slide < 1 or crop_px < 32:
         raise MilhemaError("cells per slide must be ≥ 1 and crop size ≥ 32 px")
+    if wsi_size is not None and wsi_size < 512:
+        raise MilhemaError(f"--wsi-size must be at least 512 px, got {wsi_size}")
     patients, jobs = _plan(n_patients, seed, difficulty, cells_per_slide, crop_px, missing_rate)
+    if wsi:
+        jobs = [replace(j, wsi_size=wsi_size or 0) for j in jobs]
     # Rendered into a temporary sibling folder and renamed at the end: no half cohort under `out`.
     with atomic_folder(out, what="cohort folder", hint="choose a new folder or delete it") as tmp:
         n_workers = max(1, min(workers or os.cpu_count() or 1, 8, len(jobs)))
@@ -94,7 +115,8 @@ def synthesize_cohort(out: str | Path, n_patients: int = 40, seed: int = 0, diff
         write_text(tmp / "synth.json", json.dumps({
             "generator": f"milhema {__version__}", "seed": seed, "patients": n_patients,
             "difficulty": difficulty, "cells_per_slide": cells_per_slide, "crop_px": crop_px,
-            "crop_um": 24.0, "mpp": 24.0 / crop_px, "missing_rate": missing_rate,
+            "crop_um": 24.0, "mpp": WSI_MPP if wsi else 24.0 / crop_px, "missing_rate": missing_rate,
+            "wsi": wsi, "wsi_size": wsi_size,
         }, indent=2) + "\n")
     return out
 
@@ -132,6 +154,8 @@ def _render_slide(job: SlideJob, root: Path) -> int:
     rng = np.random.default_rng(list(job.seed))
     stain = Stain.random(rng, strength=job.stain_strength)
     cells = slide_cells(job.state, np.asarray(job.differential), job.n_cells, job.view, rng)
+    if job.wsi_size is not None:
+        return _render_scan(job, root, stain, cells)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (cell_type, diagnostic) in enumerate(cells):
@@ -143,12 +167,26 @@ def _render_slide(job: SlideJob, root: Path) -> int:
     return len(cells)
 
 
+def _render_scan(job: SlideJob, root: Path, stain: Stain, cells: Sequence[tuple[str, bool]]) -> int:
+    size = job.wsi_size or default_size(len(cells), WSI_MPP)
+    try:
+        spec = plan_smear(cells, size, size, WSI_MPP, job.seed, stain)
+    except ValueError as exc:
+        raise MilhemaError(f"slide {job.slide_id}: {exc} (--wsi-size {size})") from None
+    (root / "slides").mkdir(parents=True, exist_ok=True)
+    rows = write_smear(root / "slides" / f"{job.slide_id}.tiff", spec)
+    write_csv(root / "slides" / f"{job.slide_id}{TRUTH_SUFFIX}", TRUTH_HEADER, rows)
+    return len(cells)
+
+
 def _write_manifest(root: Path, patients: list[dict[str, object]], jobs: Sequence[SlideJob]) -> None:
     columns = ["patient_id", "label", "age", "sex", *CBC_COLUMNS]
     write_csv(root / "patients.csv", columns, [[_fmt(p[c]) for c in columns] for p in patients])
+    # Scans carry their mpp in the TIFF; crop folders need it in the manifest.
     write_csv(root / "slides.csv", ["slide_id", "patient_id", "source", "view", "mpp"],
-               [[j.slide_id, j.slide_id.rsplit("_S", 1)[0], f"slides/{j.slide_id}", j.view,
-                 f"{24.0 / j.crop_px:.4f}"] for j in jobs])
+              [[j.slide_id, j.slide_id.rsplit("_S", 1)[0],
+                f"slides/{j.slide_id}" + (".tiff" if j.wsi_size is not None else ""), j.view,
+                "" if j.wsi_size is not None else f"{24.0 / j.crop_px:.4f}"] for j in jobs])
 
 
 def _fmt(value: object) -> str:
