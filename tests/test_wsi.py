@@ -145,7 +145,7 @@ def test_unreadable_and_mpp_less_slides_fail_cleanly(tmp_path: Path) -> None:
 def test_wsi_cohort_embed_resume_and_cv(wsi_cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cohort = load_cohort(wsi_cohort, CLASSES, ())
     bags = tmp_path / "bags"
-    report = embed_cohort(cohort, bags, EmbedOptions(backbone="none", morphology=True, workers=0, progress=False))
+    report = embed_cohort(cohort, bags, EmbedOptions(backbone="none", morphology=True, workers=2, progress=False))
     assert len(report.written) == len(cohort.slides) and len(report.detections) == len(cohort.slides)
     first = cohort.slides[0]
     bag = read_bag(bags / f"{first.slide_id}.h5")
@@ -159,6 +159,13 @@ def test_wsi_cohort_embed_resume_and_cv(wsi_cohort: Path, tmp_path: Path, capsys
     assert bag.cell_types is not None and sum(t != "unmatched" for t in bag.cell_types) >= 0.9 * bag.n_cells
     meta = json.loads((bags / "detections" / f"{first.slide_id}.json").read_text())
     assert meta["qc"]["tiles"] >= 1
+
+    # Loader workers each open the scan themselves: the same features as reading in one process.
+    serial = embed_cohort(load_cohort(wsi_cohort, CLASSES, ()), tmp_path / "serial",
+                          EmbedOptions(backbone="none", morphology=True, workers=0, progress=False, shard=(0, 4)))
+    for slide_id in serial.written:
+        assert np.array_equal(read_bag(tmp_path / "serial" / f"{slide_id}.h5").features,
+                              read_bag(bags / f"{slide_id}.h5").features)
 
     # Resume: nothing embedded or detected again.
     stamp = (bags / "detections" / f"{first.slide_id}.csv").stat().st_mtime_ns

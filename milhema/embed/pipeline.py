@@ -244,6 +244,10 @@ def _run(out: Path, slides: list[Slide], sources: list[CellSource], backbone: Ba
          opts: EmbedOptions, report: EmbedReport, workers: int) -> None:
     device = resolve_device(opts.device)
     items = [(i, cell) for i, src in enumerate(sources) for cell in range(len(src))]
+    for src in sources:
+        if src.slide is not None:
+            # Forked loader workers would share the open file's offset; each opens its own instead.
+            src.slide.close()
     input_size = backbone.input_size if backbone else 0
     dataset = _CellImages(items, sources, input_size, backbone.interpolation if backbone else "bilinear",
                           opts.morphology)

@@ -1,0 +1,156 @@
+"""White-cell detection on simulated scans: accuracy against the truth, and throughput and memory
+on one large slide. Prints tables and, with --record, appends them to docs/PERFORMANCE.md.
+
+    python tools/bench_detect.py --scratch /tmp/bench_detect [--patients 8] [--size 40000] [--record]
+
+Accuracy: a simulated cohort of scans at default difficulty (0.25 µm/px, ~300 white cells per
+slide, touching pairs, smudge cells, platelets and precipitate); a detection matches a true cell
+within 5 µm of its centre (one-to-one, closest first). Scale: one square slide of --size px with
+cells at the default density is rendered once (cached in --scratch), then detected in a child
+process whose peak resident memory (and that of its tile workers) is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from milhema.slides.detect import DetectOptions, detect_cells, match_points
+from milhema.slides.wsi import WholeSlide, read_scan_truth, truth_path
+
+
+def accuracy(scratch: Path, patients: int, seed: int, workers: int) -> tuple[list[str], dict[str, float]]:
+    from milhema.synth.cohort import synthesize_cohort
+
+    cohort = scratch / f"cohort_{patients}_{seed}"
+    if not cohort.exists():
+        synthesize_cohort(cohort, patients, seed=seed, wsi=True, workers=workers)
+    per_type_true: Counter[str] = Counter()
+    per_type_hit: Counter[str] = Counter()
+    n_true = n_found = n_match = 0
+    seconds = 0.0
+    megapixels = 0.0
+    for scan in sorted((cohort / "slides").glob("*.tiff")):
+        slide = WholeSlide(scan.stem, scan)
+        found = detect_cells(slide, DetectOptions(workers=workers, progress=False))
+        xy, types, _ = read_scan_truth(truth_path(scan), scan.stem)
+        pairs = match_points(xy, found.centres.astype(float), 5.0 / slide.mpp)
+        per_type_true.update(types)
+        per_type_hit.update(types[i] for i, _ in pairs)
+        n_true, n_found, n_match = n_true + len(xy), n_found + len(found), n_match + len(pairs)
+        seconds += found.qc["seconds"]
+        megapixels += slide.dimensions[0] * slide.dimensions[1] / 1e6
+    recall, precision = n_match / n_true, n_match / max(n_found, 1)
+    lines = [
+        f"Simulated cohort: {patients} patients, seed {seed}, default difficulty, "
+        f"{len(list((cohort / 'slides').glob('*.tiff')))} scans, {n_true} white cells.",
+        "",
+        "| recall | precision | true cells | detections | matched | detection time |",
+        "|---|---|---|---|---|---|",
+        f"| {recall:.3f} | {precision:.3f} | {n_true} | {n_found} | {n_match} | {seconds:.1f} s "
+        f"({megapixels / seconds:.1f} Mpx/s, {n_found / seconds:.0f} cells/s) |",
+        "",
+        "| cell type | true | recall |",
+        "|---|---|---|",
+        *[f"| {t} | {per_type_true[t]} | {per_type_hit[t] / per_type_true[t]:.3f} |"
+          for t in sorted(per_type_true, key=lambda k: -per_type_true[k])],
+    ]
+    return lines, {"recall": recall, "precision": precision}
+
+
+def _child(path: str, workers: int) -> None:
+    """Runs in a fresh process: detect one slide and print JSON with the peak memory."""
+    slide = WholeSlide("large", Path(path))
+    found = detect_cells(slide, DetectOptions(workers=workers, progress=True))
+    truth = truth_path(Path(path))
+    recall = precision = float("nan")
+    if truth.is_file():
+        xy, _, _ = read_scan_truth(truth, "large")
+        n = len(match_points(xy, found.centres.astype(float), 5.0 / slide.mpp))
+        recall, precision = n / len(xy), n / max(len(found), 1)
+    print(json.dumps({
+        "cells": len(found), "seconds": found.qc["seconds"], "tiles": found.qc["tiles"],
+        "megapixels": slide.dimensions[0] * slide.dimensions[1] / 1e6,
+        "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "recall": recall, "precision": precision,
+    }))
+
+
+def scale(scratch: Path, size: int, workers: int) -> list[str]:
+    from milhema.io import write_csv
+    from milhema.synth.composition import sample_disease, slide_cells
+    from milhema.synth.smear import TRUTH_HEADER, plan_smear, write_smear
+    from milhema.synth.stain import Stain
+
+    path = scratch / f"large_{size}.tiff"
+    render_s = float("nan")
+    if not path.exists():
+        rng = np.random.default_rng(2026)
+        n_cells = int(round(size * size * 0.25 ** 2 / 8000.0))
+        cells = slide_cells(sample_disease("MDS", "default", rng), np.array([0.55, 0.3, 0.1, 0.03, 0.02]),
+                            n_cells, "PB", rng)
+        spec = plan_smear(cells, size, size, 0.25, (2026, 1), Stain.random(rng))
+        start = time.perf_counter()
+        rows = write_smear(path, spec, workers=workers, progress=True)
+        render_s = time.perf_counter() - start
+        write_csv(truth_path(path), TRUTH_HEADER, rows)
+    out = subprocess.run([sys.executable, __file__, "--child", str(path), "--workers", str(workers)],
+                         check=True, capture_output=True, text=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    file_mb = path.stat().st_size / 1e6
+    return [
+        f"One {size:,} × {size:,} px scan (0.25 µm/px, {r['megapixels']:,.0f} Mpx, {file_mb:,.0f} MB JPEG TIFF), "
+        f"{workers} tile workers" + ("" if np.isnan(render_s) else f"; rendering it took {render_s:.0f} s") + ".",
+        "",
+        "| cells | recall | precision | time | Mpx/s | cells/s | peak RSS main | peak RSS per worker |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {r['cells']:,} | {r['recall']:.3f} | {r['precision']:.3f} | {r['seconds']:.0f} s "
+        f"| {r['megapixels'] / r['seconds']:.1f} | {r['cells'] / r['seconds']:.0f} "
+        f"| {r['rss_main_mb']:.0f} MB | {r['rss_worker_mb']:.0f} MB |",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scratch", type=Path, default=Path("bench_detect"), help="folder for generated scans")
+    parser.add_argument("--patients", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--size", type=int, default=40000, help="side of the large slide in px (0: skip)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--record", action="store_true", help="append the tables to docs/PERFORMANCE.md")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child, args.workers)
+        return
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    lines = [f"## White-cell detection ({platform.machine()}, {os.cpu_count()} CPUs, "
+             f"{datetime.date.today().isoformat()})", "",
+             f"`python tools/bench_detect.py --patients {args.patients} --size {args.size} "
+             f"--workers {args.workers}`", ""]
+    acc, _ = accuracy(args.scratch, args.patients, args.seed, args.workers)
+    lines += acc + [""]
+    if args.size:
+        lines += scale(args.scratch, args.size, args.workers) + [""]
+    text = "\n".join(lines)
+    print(text)
+    if args.record:
+        docs = Path(__file__).resolve().parent.parent / "docs" / "PERFORMANCE.md"
+        with docs.open("a", encoding="utf-8") as fh:
+            fh.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
