@@ -71,6 +71,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"trained {metrics['model']} on {metrics['n_train']} patients ({metrics['epochs_run']} epochs); "
           f"validation balanced accuracy {val['balanced_accuracy']['mean']:.3f} on {metrics['n_val']} patients; "
           f"run in {args.out}")
+    _print_sync_hint(args.out)
     return 0
 
 
@@ -87,7 +88,15 @@ def _cv(args: argparse.Namespace) -> int:
     for name in ("balanced_accuracy", "macro_f1", "macro_auroc"):
         print(f"  {name:<18} {format_ci(m['patient'][name]):<22} CBC only {format_ci(base[name])}")
     print(f"run in {args.out}")
+    _print_sync_hint(args.out)
     return 0
+
+
+def _print_sync_hint(run: Path) -> None:
+    from milhema.tracking import offline_runs
+
+    for folder in offline_runs(run):
+        print(f"W&B offline run: wandb sync {folder}")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -146,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cohort", required=True, type=Path, help="folder with patients.csv and slides.csv")
     p.add_argument("--out", required=True, type=Path, help="folder for the bags (<slide_id>.h5)")
     p.add_argument("--config", type=Path, default=None, help="YAML config (for data.classes)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys (repeatable; several may follow one --set)")
     p.add_argument("--backbone", default="timm/resnet18",
                    help="timm/<model> (default timm/resnet18), or 'none' with --morphology")
     p.add_argument("--weights", type=Path, default=None, help="local weights (.safetensors or a state dict .pth)")
@@ -171,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cohort", required=True, type=Path, help="folder with patients.csv and slides.csv")
         p.add_argument("--bags", required=True, type=Path, help="folder of bags from milhema embed")
         p.add_argument("--out", required=True, type=Path, help="new run folder")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+        p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="override config keys, e.g. --set train.lr=1e-3 fusion.mode=gated (repeatable)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
         if name == "cv":
             p.add_argument("--folds", type=_positive_int, default=None, help="K (default: cv.folds = 5)")

@@ -57,13 +57,21 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "cv": {"folds": 5, "repeats": 1},
     "tracking": {
+        # offline: a local W&B run in <run>/wandb/ to upload later with `wandb sync`; online; disabled.
+        # A WANDB_MODE environment variable of offline or disabled makes it more private, never less.
         "mode": "offline",
         "project": "milhema",
         "entity": None,
+        # null = the run folder's name.
         "group": None,
         "tags": [],
+        # Patient and slide ids reach W&B only as keyed hashes (milhema.privacy).
         "pseudonymize": True,
+        # The secret key of those hashes; null = $MILHEMA_SALT_FILE, else ~/.config/milhema/salt.
+        "salt_file": None,
         "log_images": False,
+        # Upload the model checkpoints (weights + JSON with pseudonymised patient lists) as an artifact.
+        "log_checkpoint": False,
     },
 }
 
@@ -187,9 +195,18 @@ def validate_values(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"train.val_fraction must be between 0 and 0.5, got {train['val_fraction']}")
     if config["cv"]["folds"] < 2:
         raise ConfigError(f"cv.folds must be at least 2, got {config['cv']['folds']}")
-    mode = config["tracking"]["mode"]
+    tracking = config["tracking"]
+    mode = tracking["mode"]
     if mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"tracking.mode must be offline, online or disabled, got {mode!r}")
+    if not tracking["project"].strip():
+        raise ConfigError("tracking.project must be a name, got an empty string")
+    for key in ("entity", "group", "salt_file"):
+        value = tracking[key]
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ConfigError(f"tracking.{key} must be null or a non-empty string, got {value!r}")
+    if not all(isinstance(tag, str) and tag for tag in tracking["tags"]):
+        raise ConfigError(f"tracking.tags must be a list of non-empty strings, got {tracking['tags']!r}")
 
 
 def dump_config(config: Mapping[str, Any]) -> str:

@@ -19,6 +19,7 @@ from milhema.data.manifest import load_cohort
 from milhema.embed.pipeline import EmbedOptions, embed_cohort
 from milhema.io import write_text
 from milhema.synth.cohort import synthesize_cohort
+from milhema.tracking import offline_runs
 from milhema.train.baseline import cbc_design, cross_val_proba, mean_pooled_features, patient_folds
 from milhema.train.data import inspect_bags
 from milhema.train.metrics import classification_metrics, format_ci
@@ -84,6 +85,8 @@ def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None,
     }
     _print_table(results)
     print(f"run folder (predictions, cell scores, checkpoints): {out / 'run'}")
+    for folder in offline_runs(out / "run"):
+        print(f"W&B offline run: wandb sync {folder}")
     write_text(out / "demo_metrics.json", json.dumps(results, indent=2) + "\n")
     print(f"\ndone in {time.perf_counter() - started:.0f} s; metrics in {out / 'demo_metrics.json'}")
     return results

@@ -23,3 +23,11 @@ class ConfigError(MilhemaError):
 
 class EmbedError(MilhemaError):
     """The backbone, its weights or the cell images cannot be used for embedding."""
+
+
+class TrackingError(MilhemaError):
+    """Experiment tracking (W&B, pseudonymisation salt) cannot be set up."""
+
+
+class TrackingWarning(UserWarning):
+    """Tracking failed and was switched off; the run itself goes on."""

@@ -7,7 +7,18 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("WANDB_MODE", "offline")
+# Tests write real offline W&B runs into temporary folders and never send anything.
+os.environ["WANDB_MODE"] = "offline"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_tracking_dirs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep the pseudonymisation salt and W&B's own settings, cache and staging out of the home folder."""
+    root = tmp_path_factory.mktemp("tracking")
+    os.environ["MILHEMA_SALT_FILE"] = str(root / "salt")
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        os.environ[name] = str(root / name.lower())
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,8 @@ def test_demo_end_to_end_small(tmp_path: Path, capsys: pytest.CaptureFixture[str
     printed = capsys.readouterr().out
     assert "CBC only" in printed and "abmil + CBC (concat)" in printed and "balanced acc." in printed
     assert (tmp_path / "demo" / "run" / "metrics.json").is_file()
+    (sync,) = [line for line in printed.splitlines() if line.startswith("W&B offline run: wandb sync ")]
+    assert list(Path(sync.split()[-1]).glob("run-*.wandb"))  # the path printed is the run W&B can sync
     for metrics in results.values():
         assert 0.0 <= metrics["balanced_accuracy"]["mean"] <= 1.0
         lo, hi = metrics["macro_auroc"]["ci95"]

@@ -23,6 +23,7 @@ from milhema.data.manifest import Cohort
 from milhema.device import resolve_device
 from milhema.errors import MilhemaError
 from milhema.io import atomic_folder
+from milhema.tracking import Tracker, start_tracker
 from milhema.train.baseline import cbc_design, cross_val_proba, patient_folds
 from milhema.train.checkpoint import save_checkpoint
 from milhema.train.data import BagInfo, BagStore, PatientBag, inspect_bags, resolve_views
@@ -95,10 +96,12 @@ def _bag_meta(info: BagInfo) -> dict[str, Any]:
             "columns": None if info.columns is None else list(info.columns)}
 
 
-def _history_writer(path: Path, **keys: Any) -> Callable[[dict[str, Any]], None]:
+def _history_writer(path: Path, tracker: Tracker, prefix: str = "", **keys: Any) -> Callable[[dict[str, Any]], None]:
+    """Per-epoch callback: one line of ``history.jsonl`` (with ``keys``) and the same record to the tracker."""
     def log(record: dict[str, Any]) -> None:
         with path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps({**keys, **record}) + "\n")
+        tracker.log_epoch(record, prefix)
     return log
 
 
@@ -113,7 +116,9 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
     t = config["train"]
     started = time.perf_counter()
     classes = cohort.classes
-    with atomic_folder(out, overwrite=overwrite, what="run folder") as tmp:
+    # The W&B run is closed (its files complete) before the folder gets its final name.
+    with (atomic_folder(out, overwrite=overwrite, what="run folder") as tmp,
+          start_tracker(config, tmp, name=out.name, job_type="cv", final_folder=out) as tracker):
         (tmp / "config.yaml").write_text(dump_config(config), encoding="utf-8")
         patient_probs = np.zeros((repeats, len(ids), len(classes)))
         cbc_probs = np.zeros((repeats, len(ids), len(classes)))
@@ -131,7 +136,7 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
                 inner_train, val = inner_split(train_ids, y[train_idx], t["val_fraction"], t["seed"] + r)
                 if set(test_ids) & (set(inner_train) | set(val)):
                     raise MilhemaError("internal check failed: a test patient is also in training")  # never expected
-                log = _history_writer(tmp / "history.jsonl", repeat=r, fold=k)
+                log = _history_writer(tmp / "history.jsonl", tracker, f"r{r}_f{k}", repeat=r, fold=k)
                 model, _ = train_model(config, store, spec, inner_train, val, device, log, progress,
                                        desc=f"repeat {r} fold {k}")
                 save_checkpoint(tmp / "checkpoints" / f"r{r}_f{k}", model, spec,
@@ -172,6 +177,12 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
             "wall_time_s": round(time.perf_counter() - started, 1),
         }
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        tracker.log_summary(metrics)
+        tracker.log_classification_plots("patient", y, patient_probs.mean(axis=0), classes)
+        tracker.log_classification_plots("baselines/cbc_only/patient", y, cbc_probs.mean(axis=0), classes)
+        tracker.log_predictions("predictions", ids, "patient", labels, patient_probs.mean(axis=0), classes,
+                                {"fold": fold_of[0].tolist()})
+        tracker.log_checkpoints(tmp / "checkpoints", out.name)
     return metrics
 
 
@@ -203,11 +214,13 @@ def run_train(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: 
     y = cohort.labels(ids)
     t = config["train"]
     device = resolve_device(t["device"])
-    with atomic_folder(out, overwrite=overwrite, what="run folder") as tmp:
+    with (atomic_folder(out, overwrite=overwrite, what="run folder") as tmp,
+          start_tracker(config, tmp, name=out.name, job_type="train", final_folder=out) as tracker):
         (tmp / "config.yaml").write_text(dump_config(config), encoding="utf-8")
         train_ids, val_ids = inner_split(ids, y, t["val_fraction"], t["seed"])
         model, history = train_model(config, store, spec, train_ids, val_ids, device,
-                                     _history_writer(tmp / "history.jsonl"), progress, desc=f"train {spec['model']}")
+                                     _history_writer(tmp / "history.jsonl", tracker), progress,
+                                     desc=f"train {spec['model']}")
         save_checkpoint(tmp / "checkpoints" / "model", model, spec,
                         {"bags": _bag_meta(info), "test_patients": [], "train_patients": train_ids,
                          "val_patients": val_ids})
@@ -218,4 +231,10 @@ def run_train(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: 
                    "n_patients": len(ids), "n_train": len(train_ids), "n_val": len(val_ids),
                    "epochs_run": len(history), "backbone": info.backbone, "feature_dim": info.feature_dim}
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        val_y = cohort.labels(val_ids)
+        tracker.log_summary(metrics)
+        tracker.log_classification_plots("validation", val_y, val.probs, cohort.classes)
+        tracker.log_predictions("validation_predictions", val_ids, "patient",
+                                [cohort.patients[p].label for p in val_ids], val.probs, cohort.classes)
+        tracker.log_checkpoints(tmp / "checkpoints", out.name)
     return metrics
