@@ -41,7 +41,18 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "dropout": 0.25,
     },
     "fusion": {"mode": "concat"},
-    "loss": {"class_weights": True, "triplet_weight": 0.0},
+    "loss": {
+        # What is learned: [classification], [survival] (time-to-event from patients.csv time/event)
+        # or both; a single name may be written without brackets.
+        "task": ["classification"],
+        "class_weights": True,
+        "triplet_weight": 0.0,
+        "classification_weight": 1.0,
+        "survival_weight": 1.0,
+        # cox: partial likelihood of a log-risk score; discrete: hazards over time bins (NLL).
+        "survival": "cox",
+        "survival_bins": 8,
+    },
     "train": {
         "epochs": 150,
         "lr": 2.0e-3,
@@ -145,6 +156,8 @@ def merge_into(config: dict[str, Any], update: Mapping[str, Any], *, source: str
                 raise ConfigError(f"{source}: '{dotted}' must be a mapping of keys, got {value!r}")
             merge_into(current, value, source=source, prefix=f"{dotted}.")
             continue
+        if dotted == "loss.task" and isinstance(value, str):
+            value = [value]
         config[key] = _checked(value, current, dotted, source)
 
 
@@ -185,6 +198,16 @@ def validate_values(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"data.feature_blocks must be null or a list of block names like [morphology], got {blocks!r}")
     if data["max_cells"] < 1:
         raise ConfigError(f"data.max_cells must be at least 1, got {data['max_cells']}")
+    loss = config["loss"]
+    tasks = loss["task"]
+    if not tasks or len(set(tasks)) != len(tasks) or not set(tasks) <= {"classification", "survival"}:
+        raise ConfigError(f"loss.task must be classification, survival or [classification, survival], got {tasks!r}")
+    if loss["survival"] not in ("cox", "discrete"):
+        raise ConfigError(f"loss.survival must be cox or discrete, got {loss['survival']!r}")
+    if loss["survival_bins"] < 2:
+        raise ConfigError(f"loss.survival_bins must be at least 2, got {loss['survival_bins']}")
+    if loss["classification_weight"] < 0 or loss["survival_weight"] < 0:
+        raise ConfigError("loss.classification_weight and loss.survival_weight must be ≥ 0")
     train = config["train"]
     for key in ("epochs", "batch_size"):
         if train[key] < 1:

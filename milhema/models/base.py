@@ -23,6 +23,8 @@ class MILOutput:
         class_cell_scores: ``[B, N, K]`` per-class attention for models with class branches; each
             class column sums to 1 over valid cells.
         view_scores: ``[B, V]`` weight of each view (multi-view models), 0 for missing views.
+        survival: raw output of a survival head on ``embedding`` (set by the training wrapper,
+            never by a model): ``[B, 1]`` Cox log-risk or ``[B, K]`` discrete-time hazard logits.
     """
 
     logits: Tensor
@@ -30,6 +32,7 @@ class MILOutput:
     embedding: Tensor
     class_cell_scores: Tensor | None = None
     view_scores: Tensor | None = None
+    survival: Tensor | None = None
 
 
 def require(ok: bool, message: str) -> None:

@@ -2,7 +2,7 @@
 
 Layout of ``out``::
 
-    patients.csv  slides.csv  synth.json
+    patients.csv  slides.csv  synth.json  (patients.csv: label, age, sex, CBC, follow-up time/event)
     slides/<slide_id>/<cell_id>.png      RGB crops (CellaVision-style export)
     slides/<slide_id>/cells.csv          truth: cell_id, cell_type, diagnostic
 
@@ -42,6 +42,7 @@ from milhema.synth.composition import (
     slide_cells,
 )
 from milhema.synth.crop import render_crop
+from milhema.synth.outcome import sample_follow_up
 from milhema.synth.smear import TRUTH_HEADER, default_size, plan_smear, write_smear
 from milhema.synth.stain import Stain
 
@@ -49,7 +50,7 @@ DIAGNOSES = ("AML", "MDS", "VEXAS", "reactive")
 _AGE = {"AML": (65.0, 14.0), "MDS": (73.0, 9.0), "VEXAS": (68.0, 8.0), "reactive": (52.0, 19.0)}
 _MALE = {"AML": 0.55, "MDS": 0.6, "VEXAS": 0.96, "reactive": 0.5}
 _STAIN_STRENGTH = {"easy": 0.5, "default": 1.0, "hard": 1.4}
-_PATIENT_STREAM, _SLIDE_STREAM = 1, 2
+_PATIENT_STREAM, _SLIDE_STREAM, _OUTCOME_STREAM = 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,12 @@ def _plan(n_patients: int, seed: int, difficulty: str, cells_per_slide: int, cro
         state = sample_disease(diagnosis, difficulty, rng)
         cbc, differential = sample_cbc(diagnosis, rng, blood_blast_fraction(state), missing_rate)
         mean_age, sd_age = _AGE[diagnosis]
+        # Follow-up from its own stream: adding it left every other draw (and image) unchanged.
+        time, event = sample_follow_up(state, cbc, np.random.default_rng([seed, _OUTCOME_STREAM, index]))
         patients.append({"patient_id": pid, "label": diagnosis,
                          "age": int(np.clip(round(rng.normal(mean_age, sd_age)), 18, 98)),
-                         "sex": "M" if rng.random() < _MALE[diagnosis] else "F", **cbc})
+                         "sex": "M" if rng.random() < _MALE[diagnosis] else "F", **cbc,
+                         "time": time, "event": event})
         n_slides = int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
         for s in range(n_slides):
             view = "PB" if s == 0 or rng.random() < 0.5 else "BM"
@@ -180,7 +184,7 @@ def _render_scan(job: SlideJob, root: Path, stain: Stain, cells: Sequence[tuple[
 
 
 def _write_manifest(root: Path, patients: list[dict[str, object]], jobs: Sequence[SlideJob]) -> None:
-    columns = ["patient_id", "label", "age", "sex", *CBC_COLUMNS]
+    columns = ["patient_id", "label", "age", "sex", *CBC_COLUMNS, "time", "event"]
     write_csv(root / "patients.csv", columns, [[_fmt(p[c]) for c in columns] for p in patients])
     # Scans carry their mpp in the TIFF; crop folders need it in the manifest.
     write_csv(root / "slides.csv", ["slide_id", "patient_id", "source", "view", "mpp"],

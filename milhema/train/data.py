@@ -33,6 +33,7 @@ class PatientBag:
         cell_ids: ``[N]`` cell ids within their slide.
         cbc: ``[C]`` raw CBC values, NaN = missing.
         label: class index, -1 if unknown.
+        time, event: follow-up (NaN when the patient has none).
     """
 
     patient_id: str
@@ -44,6 +45,8 @@ class PatientBag:
     cell_ids: np.ndarray
     slide_ids: list[str]
     cbc: np.ndarray
+    time: float = math.nan
+    event: float = math.nan
 
     @property
     def n_cells(self) -> int:
@@ -53,7 +56,8 @@ class PatientBag:
         """The bag restricted to the cells of slide ``i``."""
         sel = self.slide_index == i
         return PatientBag(self.patient_id, self.label, self.features[sel], np.zeros(int(sel.sum()), np.int64),
-                          self.view_index[sel], self.coords[sel], self.cell_ids[sel], [self.slide_ids[i]], self.cbc)
+                          self.view_index[sel], self.coords[sel], self.cell_ids[sel], [self.slide_ids[i]], self.cbc,
+                          self.time, self.event)
 
 
 @dataclass(frozen=True)
@@ -160,9 +164,13 @@ class BagStore:
         dim = parts[0][0].feature_dim if parts else (0 if self.columns is None else len(self.columns))
         label = self.cohort.labels([patient_id])[0]
         cbc = self.cohort.cbc_matrix([patient_id])[0].astype(np.float32)
+        patient = self.cohort.patients[patient_id]
+        follow_up = {"time": math.nan if patient.time is None else float(patient.time),
+                     "event": math.nan if patient.event is None else float(patient.event)}
         if not parts:
             return PatientBag(patient_id, int(label), np.zeros((0, dim), np.float16), np.zeros(0, np.int64),
-                              np.zeros(0, np.int64), np.zeros((0, 2), np.float32), np.zeros(0, object), [], cbc)
+                              np.zeros(0, np.int64), np.zeros((0, 2), np.float32), np.zeros(0, object), [], cbc,
+                              **follow_up)
         return PatientBag(
             patient_id=patient_id, label=int(label),
             features=np.concatenate([b.features for b, _, _ in parts]),
@@ -170,7 +178,7 @@ class BagStore:
             view_index=np.concatenate([np.full(b.n_cells, v, np.int64) for b, _, v in parts]),
             coords=np.concatenate([b.coords for b, _, _ in parts]).astype(np.float32),
             cell_ids=np.concatenate([np.asarray(b.cell_ids, dtype=object) for b, _, _ in parts]),
-            slide_ids=slide_ids, cbc=cbc,
+            slide_ids=slide_ids, cbc=cbc, **follow_up,
         )
 
 
@@ -183,14 +191,16 @@ class Batch:
     cbc: torch.Tensor      # [B, C] float32 raw, NaN = missing
     coords: torch.Tensor   # [B, N, 2]
     view: torch.Tensor     # [B, N] long
-    y: torch.Tensor        # [B] long
+    y: torch.Tensor        # [B] long, -1 = no label
     index: np.ndarray      # [B, N]
+    time: torch.Tensor     # [B] float32 follow-up, NaN = none
+    event: torch.Tensor    # [B] float32 1 = event, 0 = censored, NaN = none
 
     def to(self, device: torch.device) -> Batch:
         move = {"non_blocking": device.type == "cuda"}
         return Batch(self.x.to(device, **move), self.mask.to(device, **move), self.cbc.to(device, **move),
                      self.coords.to(device, **move), self.view.to(device, **move), self.y.to(device, **move),
-                     self.index)
+                     self.index, self.time.to(device, **move), self.event.to(device, **move))
 
 
 def collate(bags: Sequence[PatientBag], max_cells: int | None = None,
@@ -221,7 +231,9 @@ def collate(bags: Sequence[PatientBag], max_cells: int | None = None,
         index[i, :n] = pick
     return Batch(torch.from_numpy(x), torch.from_numpy(mask), torch.from_numpy(np.stack([bag.cbc for bag in bags])),
                  torch.from_numpy(coords), torch.from_numpy(view),
-                 torch.tensor([bag.label for bag in bags], dtype=torch.long), index)
+                 torch.tensor([bag.label for bag in bags], dtype=torch.long), index,
+                 torch.tensor([bag.time for bag in bags], dtype=torch.float32),
+                 torch.tensor([bag.event for bag in bags], dtype=torch.float32))
 
 
 def bucketed_batches(bags: Sequence[PatientBag], batch_size: int, rng: np.random.Generator | None,

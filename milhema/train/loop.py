@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from milhema.train.data import PatientBag, bucketed_batches, collate
 from milhema.train.model import PatientModel
+from milhema.train.survival import concordance
 
 
 @dataclass
@@ -28,15 +29,40 @@ class Prediction:
     """Outputs for a list of bags, in input order.
 
     ``cell_scores[i]`` is ``[n_i]`` for bag i; ``class_cell_scores[i]`` is ``[n_i, K]`` or None.
+    With a survival head, ``risk`` is ``[n]`` (higher = event sooner) and ``survival_out`` the head's
+    raw output ``[n, K]``; without one they are NaN and None.
     """
 
     probs: np.ndarray
     cell_scores: list[np.ndarray]
     class_cell_scores: list[np.ndarray | None]
+    risk: np.ndarray | None = None
+    survival_out: np.ndarray | None = None
+
+
+def task_weights(config: Mapping[str, Any], model: PatientModel) -> tuple[float, float]:
+    """(classification, survival) loss weights; 0 for a task that is not learned."""
+    loss = config["loss"]
+    tasks = loss["task"]
+    cls_w = float(loss["classification_weight"]) if "classification" in tasks else 0.0
+    surv_w = float(loss["survival_weight"]) if "survival" in tasks and model.survival is not None else 0.0
+    return cls_w, surv_w
+
+
+def task_loss(model: PatientModel, out: Any, y: torch.Tensor, time: torch.Tensor, event: torch.Tensor,
+              weights: torch.Tensor | None, cls_w: float, surv_w: float) -> torch.Tensor:
+    """Weighted sum of cross-entropy (patients with a label) and the survival loss (patients with follow-up)."""
+    loss = out.logits.float().sum() * 0.0
+    if cls_w > 0 and bool((y >= 0).any()):
+        loss = loss + cls_w * F.cross_entropy(out.logits.float(), y, weight=weights, ignore_index=-1)
+    if surv_w > 0 and model.survival is not None:
+        loss = loss + surv_w * model.survival.loss(out.survival.float(), time, event)
+    return loss
 
 
 def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights ``n / (K · n_k)`` (1 for absent classes)."""
+    """Inverse-frequency weights ``n / (K · n_k)`` (1 for absent classes); labels < 0 are ignored."""
+    labels = labels[labels >= 0]
     counts = np.bincount(labels, minlength=n_classes).astype(float)
     weights = np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 1.0)
     return torch.tensor(weights, dtype=torch.float32)
@@ -70,7 +96,8 @@ def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientB
         progress: bool = False, desc: str = "train") -> list[dict[str, Any]]:
     """Train ``model`` in place; on return it holds the weights of the best validation epoch.
 
-    Returns the per-epoch history (train/validation loss, validation balanced accuracy, lr).
+    Returns the per-epoch history (train/validation loss, validation balanced accuracy and
+    c-index where they apply, lr).
     """
     t = config["train"]
     n_classes = len(config["data"]["classes"])
@@ -85,6 +112,7 @@ def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientB
         optimiser, _schedule(steps * t["epochs"], steps * t["warmup_epochs"]))
     use_amp = bool(t["amp"]) and device.type == "cuda"
     triplet = float(config["loss"]["triplet_weight"])
+    cls_w, surv_w = task_weights(config, model)
     best_loss, best_state, stale = math.inf, copy.deepcopy(model.state_dict()), 0
     history = []
     bar = tqdm(range(t["epochs"]), desc=desc, unit="epoch", disable=None if progress else True, leave=False)
@@ -95,8 +123,8 @@ def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientB
             batch = collate([train[i] for i in idx], config["data"]["max_cells"], rng).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = model(batch)
-                loss = F.cross_entropy(out.logits.float(), batch.y, weight=weights)
-                if triplet > 0:
+                loss = task_loss(model, out, batch.y, batch.time, batch.event, weights, cls_w, surv_w)
+                if triplet > 0 and bool((batch.y >= 0).all()):
                     loss = loss + triplet * batch_hard_triplet(out.embedding.float(), batch.y)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -105,9 +133,9 @@ def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientB
             scheduler.step()
             total += float(loss.detach()) * len(idx)
             seen += len(idx)
-        val_loss, val_bacc = evaluate(model, val, config, device=device, weights=weights)
-        record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "val_loss": val_loss,
-                  "val_balanced_accuracy": val_bacc, "lr": scheduler.get_last_lr()[0]}
+        scores = evaluate(model, val, config, device=device, weights=weights)
+        val_loss = scores["val_loss"]
+        record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), **scores, "lr": scheduler.get_last_lr()[0]}
         history.append(record)
         if log is not None:
             log(record)
@@ -124,18 +152,32 @@ def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientB
 
 @torch.no_grad()
 def evaluate(model: PatientModel, bags: Sequence[PatientBag], config: Mapping[str, Any], *, device: torch.device,
-             weights: torch.Tensor | None = None) -> tuple[float, float]:
-    """Weighted cross-entropy and balanced accuracy on whole bags."""
+             weights: torch.Tensor | None = None) -> dict[str, float]:
+    """Validation loss (the training objective on whole bags), balanced accuracy and c-index where
+    they apply: ``{"val_loss", "val_balanced_accuracy"?, "val_c_index"?}``."""
+    cls_w, surv_w = task_weights(config, model)
     if not bags:
-        return math.nan, math.nan
+        return {"val_loss": math.nan}
     pred = predict(model, bags, config["train"]["batch_size"], device=device, amp=bool(config["train"]["amp"]))
     y = torch.tensor([b.label for b in bags])
-    logp = torch.log(torch.from_numpy(pred.probs).float().clamp_min(1e-8))
-    loss = F.nll_loss(logp, y, weight=None if weights is None else weights.cpu())
-    with warnings.catch_warnings():  # a small validation split may lack a class: expected, not news
-        warnings.simplefilter("ignore")
-        bacc = balanced_accuracy_score(y.numpy(), pred.probs.argmax(1))
-    return float(loss), float(bacc)
+    time = torch.tensor([b.time for b in bags], dtype=torch.float32)
+    event = torch.tensor([b.event for b in bags], dtype=torch.float32)
+    loss = torch.zeros(())
+    scores: dict[str, float] = {}
+    labelled = y >= 0
+    if cls_w > 0 and bool(labelled.any()):
+        logp = torch.log(torch.from_numpy(pred.probs).float().clamp_min(1e-8))
+        loss = loss + cls_w * F.nll_loss(logp[labelled], y[labelled], weight=None if weights is None else weights.cpu())
+        with warnings.catch_warnings():  # a small validation split may lack a class: expected, not news
+            warnings.simplefilter("ignore")
+            scores["val_balanced_accuracy"] = float(balanced_accuracy_score(y[labelled].numpy(),
+                                                                            pred.probs[labelled.numpy()].argmax(1)))
+    if surv_w > 0 and model.survival is not None and pred.survival_out is not None:
+        surv = model.survival.loss(torch.from_numpy(pred.survival_out).float().to(device), time.to(device),
+                                   event.to(device))
+        loss = loss + surv_w * surv.cpu()
+        scores["val_c_index"] = concordance(time.numpy().astype(float), event.numpy().astype(float), pred.risk)
+    return {"val_loss": float(loss), **scores}
 
 
 @torch.no_grad()
@@ -147,6 +189,9 @@ def predict(model: PatientModel, bags: Sequence[PatientBag], batch_size: int, *,
     probs = np.zeros((len(bags), n_classes), np.float64)
     cells: list[np.ndarray] = [np.zeros(0)] * len(bags)
     per_class: list[np.ndarray | None] = [None] * len(bags)
+    head = model.survival
+    risk = np.full(len(bags), np.nan)
+    raw = None if head is None else np.zeros((len(bags), head.linear.out_features), np.float64)
     use_amp = amp and device.type == "cuda"
     for idx in bucketed_batches(bags, batch_size, None):
         batch = collate([bags[i] for i in idx]).to(device)
@@ -155,9 +200,13 @@ def predict(model: PatientModel, bags: Sequence[PatientBag], batch_size: int, *,
         p = torch.softmax(out.logits.float(), dim=1).cpu().numpy()
         scores = out.cell_scores.float().cpu().numpy()
         cls = out.class_cell_scores.float().cpu().numpy() if out.class_cell_scores is not None else None
+        if head is not None and raw is not None:
+            surv = out.survival.float()
+            raw[idx] = surv.cpu().numpy()
+            risk[idx] = head.risk(surv).cpu().numpy()
         for row, i in enumerate(idx):
             n = bags[i].n_cells
             probs[i] = p[row]
             cells[i] = scores[row, :n]
             per_class[i] = cls[row, :n] if cls is not None else None
-    return Prediction(probs, cells, per_class)
+    return Prediction(probs, cells, per_class, risk, raw)

@@ -2,33 +2,44 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from milhema.models import MILModel, MILOutput, create_model
 from milhema.train.data import Batch
 from milhema.train.inputs import CBCEncoder, FeatureNorm
+from milhema.train.survival import SurvivalHead
 
 
 class PatientModel(nn.Module):
-    """Feature standardisation + CBC encoding + a registered MIL model.
+    """Feature standardisation + CBC encoding + a registered MIL model (+ a survival head).
 
     ``forward(batch)`` takes raw padded features and raw CBC (NaN = missing) and returns the
-    MIL model's :class:`~milhema.models.MILOutput`.
+    MIL model's :class:`~milhema.models.MILOutput`; with a survival head its ``survival`` field holds
+    the head's raw output ``[B, 1]`` (Cox) or ``[B, K]`` (discrete time), read from the bag embedding,
+    so every model family gets survival without knowing about it.
     """
 
-    def __init__(self, mil: MILModel, feature_norm: FeatureNorm, cbc_encoder: CBCEncoder | None) -> None:
+    def __init__(self, mil: MILModel, feature_norm: FeatureNorm, cbc_encoder: CBCEncoder | None,
+                 survival: SurvivalHead | None = None, spec: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.mil = mil
         self.feature_norm = feature_norm
         self.cbc_encoder = cbc_encoder
+        self.survival = survival
+        self.spec = dict(spec or {})
 
     def forward(self, batch: Batch) -> MILOutput:
         x = self.feature_norm(batch.x)
         cbc = self.cbc_encoder(batch.cbc) if self.cbc_encoder is not None else None
-        return self.mil(x, batch.mask, cbc=cbc, coords=batch.coords, view=batch.view)
+        out = self.mil(x, batch.mask, cbc=cbc, coords=batch.coords, view=batch.view)
+        if self.survival is not None:
+            out = dataclasses.replace(out, survival=self.survival(out.embedding))
+        return out
 
 
 def model_spec(config: Mapping[str, Any], in_dim: int, classes: Sequence[str], cbc_columns: Sequence[str],
@@ -44,6 +55,10 @@ def model_spec(config: Mapping[str, Any], in_dim: int, classes: Sequence[str], c
         "cbc_columns": list(cbc_columns) if fusion != "none" else [],
         "cbc_log_columns": [c for c in config["data"]["cbc_log_columns"] if c in cbc_columns],
         "standardize_features": bool(config["data"]["standardize_features"]),
+        "tasks": list(config["loss"]["task"]),
+        # Bin edges of a discrete-time head are added from the training patients (train_model).
+        "survival": {"kind": config["loss"]["survival"], "bins": int(config["loss"]["survival_bins"])}
+        if "survival" in config["loss"]["task"] else None,
     }
 
 
@@ -54,4 +69,20 @@ def build_model(spec: Mapping[str, Any]) -> PatientModel:
     mil = create_model(spec["model"], in_dim=spec["in_dim"], n_classes=len(spec["classes"]),
                        cbc_dim=encoder.out_dim if encoder else 0, fusion=spec["fusion"] if encoder else "none",
                        **spec["params"])
-    return PatientModel(mil, FeatureNorm(spec["in_dim"], spec["standardize_features"]), encoder)
+    survival = None
+    if spec.get("survival"):
+        survival = SurvivalHead(spec["survival"]["kind"], _embedding_dim(mil, spec["in_dim"], encoder),
+                                spec["survival"].get("edges"))
+    return PatientModel(mil, FeatureNorm(spec["in_dim"], spec["standardize_features"]), encoder, survival, spec)
+
+
+@torch.no_grad()
+def _embedding_dim(mil: MILModel, in_dim: int, encoder: CBCEncoder | None) -> int:
+    """Width of the model's bag embedding, from one forward pass on a dummy two-cell bag."""
+    mil.eval()
+    x = torch.zeros(1, 2, in_dim)
+    cbc = torch.zeros(1, encoder.out_dim) if encoder is not None else None
+    out = mil(x, torch.ones(1, 2, dtype=torch.bool), cbc=cbc, coords=torch.zeros(1, 2, 2),
+              view=torch.zeros(1, 2, dtype=torch.long))
+    mil.train()
+    return int(out.embedding.shape[-1])
