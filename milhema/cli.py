@@ -111,6 +111,19 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from milhema.data.manifest import load_cohort
+    from milhema.explain.run import run_explain
+    from milhema.train.predict import run_config
+
+    config = run_config(args.run)
+    cohort = load_cohort(args.cohort, config["data"]["classes"], config["data"]["cbc_columns"])
+    summary = run_explain(args.run, cohort, args.bags, args.out, patients=args.patient, method=args.method,
+                          top_k=args.top_k, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
+    print(f"explained {summary['n_patients']} patients ({args.method} scores) in {args.out}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from milhema.demo import run_demo
 
@@ -199,6 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("explain", parents=[common],
+                       help="per-cell scores, galleries, heatmaps, QuPath GeoJSON and HTML reports per patient")
+    p.add_argument("--run", required=True, type=Path, help="run folder of milhema train or cv")
+    p.add_argument("--cohort", required=True, type=Path, help="folder with patients.csv and slides.csv")
+    p.add_argument("--bags", required=True, type=Path, help="folder of bags (same backbone as the run)")
+    p.add_argument("--out", required=True, type=Path, help="new output folder")
+    p.add_argument("--patient", nargs="+", default=None, metavar="ID",
+                   help="patients to explain (default: every patient with slides)")
+    p.add_argument("--method", choices=("attention", "occlusion"), default="attention",
+                   help="attention: the model's cell scores; occlusion: probability drop when a cell is removed")
+    p.add_argument("--top-k", type=_positive_int, default=16, help="cells per gallery (default 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_explain)
 
     p = sub.add_parser("demo", parents=[common], help="the whole pipeline on a simulated cohort, end to end")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="working folder (default demo_out)")

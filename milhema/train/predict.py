@@ -7,10 +7,13 @@ the ensemble of all fold models. A train run has one model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 
 from milhema.data.manifest import Cohort
@@ -18,7 +21,8 @@ from milhema.device import resolve_device
 from milhema.errors import MilhemaError
 from milhema.io import atomic_folder, write_csv
 from milhema.train.checkpoint import CheckpointError, check_compatible, load_checkpoint
-from milhema.train.data import BagStore, inspect_bags
+from milhema.train.data import BagInfo, BagStore, inspect_bags
+from milhema.train.model import PatientModel
 from milhema.train.outputs import prediction_header, prediction_rows, write_cell_scores
 from milhema.train.run import predict_patients
 
@@ -31,36 +35,80 @@ def run_config(run: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
-def run_predict(run: str | Path, cohort: Cohort, bags: str | Path, out: str | Path, *, ensemble: bool = False,
-                overwrite: bool = False, device: str = "auto") -> dict[str, np.ndarray]:
-    """Write predictions.csv, slide_predictions.csv and cell_scores/ into ``out``; return patient probabilities."""
-    run, bags, out = Path(run), Path(bags), Path(out)
+@dataclass
+class LoadedRun:
+    """The checkpoints of a run, checked against a bag folder, with a store of the cohort's bags.
+
+    ``models`` holds one ``(model, checkpoint meta)`` per checkpoint file (one for a train run,
+    one per fold and repeat for a cv run).
+    """
+
+    run: Path
+    config: dict[str, Any]
+    models: list[tuple[PatientModel, dict[str, Any]]]
+    classes: list[str]
+    store: BagStore
+    info: BagInfo
+
+    def assignments(self, patient_ids: Sequence[str], ensemble: bool = False) -> list[list[str]]:
+        """For each model, the patients it predicts (out-of-fold unless ``ensemble``)."""
+        tested = {p for _, meta in self.models for p in meta.get("test_patients", [])}
+        out = []
+        for _, meta in self.models:
+            own = set(meta.get("test_patients", []))
+            # Out-of-fold: a patient the run tested goes only to the models that held it out.
+            out.append([p for p in patient_ids if ensemble or p not in tested or p in own])
+        return out
+
+
+@dataclass
+class RunPrediction:
+    """Per-patient outputs of a run, averaged over the models assigned to each patient.
+
+    ``cell_scores[p]`` is ``[n_p]`` in the order of the patient's :class:`PatientBag`;
+    ``class_cell_scores[p]`` is ``[n_p, K]`` or None; ``counts[p]`` is the number of models.
+    """
+
+    probs: dict[str, np.ndarray]
+    counts: dict[str, int]
+    cell_scores: dict[str, np.ndarray]
+    class_cell_scores: dict[str, np.ndarray | None]
+    slide_probs: dict[str, np.ndarray]
+    slide_patient: dict[str, str]
+
+
+def load_run(run: str | Path, cohort: Cohort, bags: str | Path, patient_ids: Sequence[str]) -> LoadedRun:
+    """Load every checkpoint of ``run`` and check it fits the bags of ``patient_ids``."""
+    run, bags = Path(run), Path(bags)
     stems = sorted(p.with_suffix("") for p in (run / "checkpoints").glob("*.json"))
     if not stems:
         raise CheckpointError(f"{run}/checkpoints holds no checkpoint")
     config = run_config(run)
-    ids = cohort.patient_ids
-    info = inspect_bags(cohort, bags, ids, config["data"].get("feature_blocks"))
+    info = inspect_bags(cohort, bags, patient_ids, config["data"].get("feature_blocks"))
     models = [load_checkpoint(stem) for stem in stems]
     for (_, meta), stem in zip(models, stems, strict=True):
         check_compatible(meta, info, f"{run.name}/checkpoints/{stem.name}")
     classes = models[0][1]["spec"]["classes"]
     store = BagStore(cohort, bags, models[0][1]["spec"]["views"], cache=True, columns=info.columns)
-    dev = resolve_device(device)
+    return LoadedRun(run, config, models, classes, store, info)
+
+
+def predict_run(loaded: LoadedRun, patient_ids: Sequence[str], device: torch.device,
+                ensemble: bool = False) -> RunPrediction:
+    """Probabilities and cell scores of ``patient_ids`` (out-of-fold for a cv run's own patients)."""
+    config = loaded.config
     batch_size = int(config["train"]["batch_size"])
-    totals = {p: np.zeros(len(classes)) for p in ids}
-    counts = dict.fromkeys(ids, 0)
+    k = len(loaded.classes)
+    totals = {p: np.zeros(k) for p in patient_ids}
+    counts = dict.fromkeys(patient_ids, 0)
     slide_sum: dict[str, np.ndarray] = {}
     slide_patient: dict[str, str] = {}
     cell_sum: dict[str, list[Any]] = {}
-    tested = {p for _, meta in models for p in meta.get("test_patients", [])}
-    for model, meta in models:
-        own = set(meta.get("test_patients", []))
-        # Out-of-fold: a patient the run tested goes only to the models that held it out.
-        assigned = [p for p in ids if ensemble or p not in tested or p in own]
+    for (model, _), assigned in zip(loaded.models, loaded.assignments(patient_ids, ensemble), strict=True):
         if not assigned:
             continue
-        result = predict_patients(model, store.many(assigned), batch_size, dev, bool(config["train"]["amp"]))
+        result = predict_patients(model, loaded.store.many(assigned), batch_size, device,
+                                  bool(config["train"]["amp"]))
         for j, pid in enumerate(result.patient_ids):
             totals[pid] += result.patient.probs[j]
             counts[pid] += 1
@@ -74,21 +122,33 @@ def run_predict(run: str | Path, cohort: Cohort, bags: str | Path, out: str | Pa
         for j, sid in enumerate(result.slide_ids):
             slide_sum[sid] = slide_sum.get(sid, 0) + result.slide.probs[j]
             slide_patient[sid] = result.slide_patient[j]
-    probs = np.array([totals[p] / max(counts[p], 1) for p in ids])
-    slide_counts = {sid: counts[slide_patient[sid]] for sid in slide_sum}
+    probs = {p: totals[p] / max(counts[p], 1) for p in patient_ids}
+    cells = {p: cell_sum[p][0] / counts[p] for p in cell_sum}
+    per_class = {p: None if cell_sum[p][1] is None else cell_sum[p][1] / counts[p] for p in cell_sum}
+    slides = {s: slide_sum[s] / counts[slide_patient[s]] for s in slide_sum}
+    return RunPrediction(probs, counts, cells, per_class, slides, slide_patient)
+
+
+def run_predict(run: str | Path, cohort: Cohort, bags: str | Path, out: str | Path, *, ensemble: bool = False,
+                overwrite: bool = False, device: str = "auto") -> dict[str, np.ndarray]:
+    """Write predictions.csv, slide_predictions.csv and cell_scores/ into ``out``; return patient probabilities."""
+    out = Path(out)
+    ids = cohort.patient_ids
+    loaded = load_run(run, cohort, bags, ids)
+    classes, store = loaded.classes, loaded.store
+    result = predict_run(loaded, ids, resolve_device(device), ensemble)
+    counts = result.counts
+    probs = np.array([result.probs[p] for p in ids])
     with atomic_folder(out, overwrite=overwrite, what="output folder") as tmp:
         labels = [cohort.patients[p].label for p in ids]
         write_csv(tmp / "predictions.csv", prediction_header("patient_id", classes, ["n_models"]),
                   prediction_rows(ids, labels, probs, classes, [(counts[p],) for p in ids]))
-        sids = list(slide_sum)
+        sids = list(result.slide_probs)
         write_csv(tmp / "slide_predictions.csv", prediction_header("slide_id", classes, ["patient_id"]),
-                  prediction_rows(sids, [cohort.patients[slide_patient[s]].label for s in sids],
-                                  np.array([slide_sum[s] / slide_counts[s] for s in sids]).reshape(len(sids), -1),
-                                  classes, [(slide_patient[s],) for s in sids]))
+                  prediction_rows(sids, [cohort.patients[result.slide_patient[s]].label for s in sids],
+                                  np.array([result.slide_probs[s] for s in sids]).reshape(len(sids), -1),
+                                  classes, [(result.slide_patient[s],) for s in sids]))
         for pid in ids:
-            scores, per_class = cell_sum[pid]
-            n = counts[pid]
-            write_cell_scores(tmp / "cell_scores", store.get(pid), scores / n,
-                              None if per_class is None else per_class / n, classes)
+            write_cell_scores(tmp / "cell_scores", store.get(pid), result.cell_scores[pid],
+                              result.class_cell_scores[pid], classes)
     return {"patient_ids": np.array(ids, dtype=object), "probs": probs}
-
