@@ -83,7 +83,8 @@ def occlusion(model: PatientModel, bag: PatientBag, device: torch.device, chunk:
         mask[torch.arange(c, device=device), idx] = False                   # copy j lacks cell start + j
         copies = Batch(batch.x.expand(c, -1, -1).contiguous(), mask, batch.cbc.expand(c, -1).contiguous(),
                        batch.coords.expand(c, -1, -1).contiguous(), batch.view.expand(c, -1).contiguous(),
-                       batch.y.expand(c).contiguous(), np.repeat(batch.index, c, axis=0))
+                       batch.y.expand(c).contiguous(), np.repeat(batch.index, c, axis=0),
+                       batch.time.expand(c).contiguous(), batch.event.expand(c).contiguous())
         probs = torch.softmax(model(copies).logits.float(), dim=1)         # [c, K]
         out[start:start + c] = (full[None] - probs).cpu().numpy()
     return out
