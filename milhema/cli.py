@@ -67,10 +67,13 @@ def _train(args: argparse.Namespace) -> int:
 
     config, cohort = _load_for_training(args, [])
     metrics = run_train(config, cohort, args.bags, args.out, overwrite=args.overwrite, progress=not args.quiet)
-    val = metrics["validation"]
+    scores = []
+    if "validation" in metrics:
+        scores.append(f"balanced accuracy {metrics['validation']['balanced_accuracy']['mean']:.3f}")
+    if "validation_survival" in metrics:
+        scores.append(f"c-index {metrics['validation_survival']['c_index']['mean']:.3f}")
     print(f"trained {metrics['model']} on {metrics['n_train']} patients ({metrics['epochs_run']} epochs); "
-          f"validation balanced accuracy {val['balanced_accuracy']['mean']:.3f} on {metrics['n_val']} patients; "
-          f"run in {args.out}")
+          f"validation {', '.join(scores)} on {metrics['n_val']} patients; run in {args.out}")
     _print_sync_hint(args.out)
     return 0
 
@@ -83,10 +86,15 @@ def _cv(args: argparse.Namespace) -> int:
     extra += [f"cv.repeats={args.repeats}"] if args.repeats else []
     config, cohort = _load_for_training(args, extra)
     m = run_cv(config, cohort, args.bags, args.out, overwrite=args.overwrite, progress=not args.quiet)
-    base = m["baselines"]["cbc_only"]["patient"]
     print(f"{m['model']} + CBC fusion '{m['fusion']}', {m['folds']}-fold cv x {m['repeats']}, {m['n_patients']} patients")
-    for name in ("balanced_accuracy", "macro_f1", "macro_auroc"):
-        print(f"  {name:<18} {format_ci(m['patient'][name]):<22} CBC only {format_ci(base[name])}")
+    if "patient" in m:
+        base = m["baselines"]["cbc_only"]["patient"]
+        for name in ("balanced_accuracy", "macro_f1", "macro_auroc"):
+            print(f"  {name:<18} {format_ci(m['patient'][name]):<22} CBC only {format_ci(base[name])}")
+    if "survival" in m:
+        s = m["survival"]
+        print(f"  {'c_index':<18} {format_ci(s['c_index']):<22} CBC-only Cox {format_ci(s['baselines']['cbc_cox']['c_index'])}"
+              f"; log-rank p {s['logrank_p']:.2g} over risk tertiles ({s['events']} events)")
     print(f"run in {args.out}")
     _print_sync_hint(args.out)
     return 0

@@ -75,6 +75,7 @@ class RunPrediction:
     class_cell_scores: dict[str, np.ndarray | None]
     slide_probs: dict[str, np.ndarray]
     slide_patient: dict[str, str]
+    risk: dict[str, float] | None = None   # survival runs: mean risk of the patient's models
 
 
 def load_run(run: str | Path, cohort: Cohort, bags: str | Path, patient_ids: Sequence[str]) -> LoadedRun:
@@ -104,6 +105,7 @@ def predict_run(loaded: LoadedRun, patient_ids: Sequence[str], device: torch.dev
     slide_sum: dict[str, np.ndarray] = {}
     slide_patient: dict[str, str] = {}
     cell_sum: dict[str, list[Any]] = {}
+    risk_sum: dict[str, float] = {}
     for (model, _), assigned in zip(loaded.models, loaded.assignments(patient_ids, ensemble), strict=True):
         if not assigned:
             continue
@@ -112,6 +114,8 @@ def predict_run(loaded: LoadedRun, patient_ids: Sequence[str], device: torch.dev
         for j, pid in enumerate(result.patient_ids):
             totals[pid] += result.patient.probs[j]
             counts[pid] += 1
+            if model.survival is not None and result.patient.risk is not None:
+                risk_sum[pid] = risk_sum.get(pid, 0.0) + float(result.patient.risk[j])
             scores = result.patient.cell_scores[j]
             per_class = result.patient.class_cell_scores[j]
             if pid in cell_sum:
@@ -126,7 +130,8 @@ def predict_run(loaded: LoadedRun, patient_ids: Sequence[str], device: torch.dev
     cells = {p: cell_sum[p][0] / counts[p] for p in cell_sum}
     per_class = {p: None if cell_sum[p][1] is None else cell_sum[p][1] / counts[p] for p in cell_sum}
     slides = {s: slide_sum[s] / counts[slide_patient[s]] for s in slide_sum}
-    return RunPrediction(probs, counts, cells, per_class, slides, slide_patient)
+    risk = {p: risk_sum[p] / counts[p] for p in risk_sum} if risk_sum else None
+    return RunPrediction(probs, counts, cells, per_class, slides, slide_patient, risk)
 
 
 def run_predict(run: str | Path, cohort: Cohort, bags: str | Path, out: str | Path, *, ensemble: bool = False,
@@ -141,8 +146,12 @@ def run_predict(run: str | Path, cohort: Cohort, bags: str | Path, out: str | Pa
     probs = np.array([result.probs[p] for p in ids])
     with atomic_folder(out, overwrite=overwrite, what="output folder") as tmp:
         labels = [cohort.patients[p].label for p in ids]
-        write_csv(tmp / "predictions.csv", prediction_header("patient_id", classes, ["n_models"]),
-                  prediction_rows(ids, labels, probs, classes, [(counts[p],) for p in ids]))
+        risk = result.risk
+        # Risk is on each model's own scale: compare patients scored by the same model(s).
+        write_csv(tmp / "predictions.csv", prediction_header("patient_id", classes,
+                                                             ["n_models", *(["risk"] if risk else [])]),
+                  prediction_rows(ids, labels, probs, classes,
+                                  [(counts[p], *((f"{risk[p]:.6f}",) if risk and p in risk else ())) for p in ids]))
         sids = list(result.slide_probs)
         write_csv(tmp / "slide_predictions.csv", prediction_header("slide_id", classes, ["patient_id"]),
                   prediction_rows(sids, [cohort.patients[result.slide_patient[s]].label for s in sids],

@@ -31,6 +31,12 @@ from milhema.train.loop import Prediction, fit, predict
 from milhema.train.metrics import classification_metrics, summarise_repeats
 from milhema.train.model import PatientModel, build_model, model_spec
 from milhema.train.outputs import prediction_header, prediction_rows, write_cell_scores, write_csv
+from milhema.train.survival import (
+    cbc_cox_risk,
+    concordance_summary,
+    kaplan_meier_plot,
+    time_bin_edges,
+)
 
 
 @dataclass
@@ -58,6 +64,11 @@ def train_model(config: Mapping[str, Any], store: BagStore, spec: Mapping[str, A
                 progress: bool, desc: str) -> tuple[PatientModel, list[dict[str, Any]]]:
     """Fit preprocessing on the training patients, then train with early stopping on ``val_ids``."""
     train_bags, val_bags = store.many(train_ids), store.many(val_ids)
+    if spec.get("survival") and spec["survival"]["kind"] == "discrete":
+        # Bins from the training patients only; stored in the spec, so the checkpoint rebuilds them.
+        edges = time_bin_edges(np.array([b.time for b in train_bags]), np.array([b.event for b in train_bags]),
+                               spec["survival"]["bins"])
+        spec = {**spec, "survival": {**spec["survival"], "edges": edges}}
     torch.manual_seed(config["train"]["seed"])  # initial weights: same seed, same run
     model = build_model(spec)
     model.feature_norm.fit(b.features for b in train_bags)
@@ -81,14 +92,69 @@ def predict_patients(model: PatientModel, bags: Sequence[PatientBag], batch_size
 
 
 def _prepare(config: Mapping[str, Any], cohort: Cohort, bags: Path) -> tuple[BagStore, BagInfo, dict[str, Any], list[str]]:
-    labelled = [p for p in cohort.patient_ids if cohort.patients[p].label is not None]
-    if not labelled:
-        raise MilhemaError("no patient has a label: training needs labels in patients.csv")
-    info = inspect_bags(cohort, bags, labelled, config["data"]["feature_blocks"])
+    """Bags, model spec and the patients the task can learn from (labelled; or followed, for survival only)."""
+    tasks = config["loss"]["task"]
+    if "classification" in tasks:
+        ids = [p for p in cohort.patient_ids if cohort.patients[p].label is not None]
+        if not ids:
+            raise MilhemaError("no patient has a label: training needs labels in patients.csv")
+    else:
+        ids = [p for p in cohort.patient_ids if cohort.patients[p].time is not None]
+    if "survival" in tasks:
+        followed = [p for p in ids if cohort.patients[p].time is not None]
+        events = sum(int(cohort.patients[p].event or 0) for p in followed)
+        if len(followed) < 4 or events < 2:
+            raise MilhemaError(f"survival needs follow-up: {len(followed)} patients have time/event in "
+                               f"patients.csv and {events} had the event (at least 4 and 2)")
+    info = inspect_bags(cohort, bags, ids, config["data"]["feature_blocks"])
     views = resolve_views(cohort, config["data"]["views"])
     store = BagStore(cohort, bags, views, cache=config["data"]["cache"], columns=info.columns)
     spec = model_spec(config, info.feature_dim, cohort.classes, cohort.cbc_columns, views)
-    return store, info, spec, labelled
+    return store, info, spec, ids
+
+
+def _follow_up(cohort: Cohort, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """time, event ``[P]`` float (NaN without follow-up)."""
+    time_ = np.array([np.nan if cohort.patients[p].time is None else cohort.patients[p].time for p in ids], float)
+    event = np.array([np.nan if cohort.patients[p].event is None else cohort.patients[p].event for p in ids], float)
+    return time_, event
+
+
+def _survival_metrics(time_: np.ndarray, event: np.ndarray, risk: np.ndarray, cbc_risk: np.ndarray,
+                      folder: Path, seed: int) -> dict[str, Any]:
+    """C-index (with bootstrap CI) of the out-of-fold risks per repeat, KM tertiles and the CBC Cox baseline.
+
+    Risks of different fold models are not on one scale, so each fold's risks are turned into
+    within-fold percentiles before the pooled c-index (a common, conservative choice).
+    """
+    repeats = risk.shape[0]
+    per_repeat = [concordance_summary(time_, event, risk[r], seed=seed + r) for r in range(repeats)]
+    cbc = [concordance_summary(time_, event, cbc_risk[r], seed=seed + r) for r in range(repeats)]
+    p_value = kaplan_meier_plot(time_, event, risk[0], folder / "km_risk_groups.png")
+    return {
+        "c_index": _mean_summary(per_repeat), "logrank_p": p_value,
+        "risk_groups": "tertiles of out-of-fold risk (repeat 0); curves in km_risk_groups.png",
+        "n_patients": per_repeat[0]["n"], "events": per_repeat[0]["events"],
+        "baselines": {"cbc_cox": {"c_index": _mean_summary(cbc)}},
+    }
+
+
+def _mean_summary(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    first = summaries[0]
+    return {"mean": float(np.mean([s["mean"] for s in summaries])),
+            "std": float(np.std([s["mean"] for s in summaries])) if len(summaries) > 1 else None,
+            "ci95": first["ci95"], "per_repeat": [s["mean"] for s in summaries]}
+
+
+def _event_strata(event: np.ndarray, folds: int) -> np.ndarray:
+    """Strata for survival-only splits: event vs censored/unfollowed, or one group if either is too rare."""
+    strata = np.nan_to_num(event, nan=0.0).astype(np.int64)
+    return strata if np.bincount(strata, minlength=2).min() >= folds else np.zeros_like(strata)
+
+
+def _percentile_within(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(np.argsort(values, kind="stable"), kind="stable")
+    return (order + 1) / max(len(values), 1)
 
 
 def _bag_meta(info: BagInfo) -> dict[str, Any]:
@@ -112,6 +178,12 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
     folds, repeats = config["cv"]["folds"], config["cv"]["repeats"]
     store, info, spec, ids = _prepare(config, cohort, bags)
     y = cohort.labels(ids)
+    tasks = config["loss"]["task"]
+    classify = "classification" in tasks
+    survive = "survival" in tasks
+    time_, event = _follow_up(cohort, ids)
+    # Folds are stratified by label; for survival alone, by event (censored patients as one group).
+    strata = y if classify else _event_strata(event, folds)
     device = resolve_device(config["train"]["device"])
     t = config["train"]
     started = time.perf_counter()
@@ -123,23 +195,26 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
         patient_probs = np.zeros((repeats, len(ids), len(classes)))
         cbc_probs = np.zeros((repeats, len(ids), len(classes)))
         fold_of = np.zeros((repeats, len(ids)), int)
+        patient_risk = np.full((repeats, len(ids)), np.nan)
+        cbc_risk = np.full((repeats, len(ids)), np.nan)
         slide_records: list[tuple[str, str, int, int, np.ndarray]] = []
         position = {p: i for i, p in enumerate(ids)}
         cbc = cbc_design(cohort, ids, config["data"]["cbc_log_columns"])
         bar = tqdm(total=folds * repeats, desc=f"cv {spec['model']}", unit="fold", disable=None if progress else True)
         for r in range(repeats):
-            splits = patient_folds(y, folds, t["seed"] + r, classes)
-            cbc_probs[r] = cross_val_proba(cbc, y, splits, len(classes), t["seed"])
+            splits = patient_folds(strata, folds, t["seed"] + r, classes if classify else ["censored", "event"])
+            if classify:
+                cbc_probs[r] = cross_val_proba(cbc, y, splits, len(classes), t["seed"])
             for k, (train_idx, test_idx) in enumerate(splits):
                 train_ids = [ids[i] for i in train_idx]
                 test_ids = [ids[i] for i in test_idx]
-                inner_train, val = inner_split(train_ids, y[train_idx], t["val_fraction"], t["seed"] + r)
+                inner_train, val = inner_split(train_ids, strata[train_idx], t["val_fraction"], t["seed"] + r)
                 if set(test_ids) & (set(inner_train) | set(val)):
                     raise MilhemaError("internal check failed: a test patient is also in training")  # never expected
                 log = _history_writer(tmp / "history.jsonl", tracker, f"r{r}_f{k}", repeat=r, fold=k)
                 model, _ = train_model(config, store, spec, inner_train, val, device, log, progress,
                                        desc=f"repeat {r} fold {k}")
-                save_checkpoint(tmp / "checkpoints" / f"r{r}_f{k}", model, spec,
+                save_checkpoint(tmp / "checkpoints" / f"r{r}_f{k}", model, model.spec,
                                 {"bags": _bag_meta(info), "repeat": r, "fold": k, "test_patients": test_ids,
                                  "train_patients": inner_train, "val_patients": val})
                 test_bags = store.many(test_ids)
@@ -147,6 +222,11 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
                 for j, pid in enumerate(result.patient_ids):
                     patient_probs[r, position[pid]] = result.patient.probs[j]
                     fold_of[r, position[pid]] = k
+                if survive and result.patient.risk is not None:
+                    test_pos = [position[p] for p in result.patient_ids]
+                    patient_risk[r, test_pos] = _percentile_within(result.patient.risk)
+                    cbc_risk[r, test_idx] = _percentile_within(
+                        cbc_cox_risk(cbc[train_idx], time_[train_idx], event[train_idx], cbc[test_idx]))
                 slide_records += [(sid, result.slide_patient[j], r, k, result.slide.probs[j])
                                   for j, sid in enumerate(result.slide_ids)]
                 if r == 0:
@@ -159,27 +239,37 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
         rows = []
         for r in range(repeats):
             rows += prediction_rows(ids, labels, patient_probs[r], classes,
-                                    [(int(fold_of[r, i]), r) for i in range(len(ids))])
-        write_csv(tmp / "predictions.csv", prediction_header("patient_id", classes, ["fold", "repeat"]), rows)
+                                    [(int(fold_of[r, i]), r, *((f"{patient_risk[r, i]:.6f}",) if survive else ()))
+                                     for i in range(len(ids))])
+        write_csv(tmp / "predictions.csv", prediction_header("patient_id", classes,
+                                                             ["fold", "repeat", *(["risk"] if survive else [])]), rows)
         write_csv(tmp / "slide_predictions.csv",
                   prediction_header("slide_id", classes, ["patient_id", "fold", "repeat"]),
                   [prediction_rows([sid], [cohort.patients[pid].label], prob[None], classes, [(pid, k, r)])[0]
                    for sid, pid, r, k, prob in slide_records])
         slide_metrics, from_slides = _slide_level(slide_records, ids, cohort, classes)
-        metrics = {
-            "task": "classification", "classes": classes, "model": spec["model"], "fusion": spec["fusion"],
-            "patient": summarise_repeats(y, patient_probs, classes),
-            "slide": slide_metrics,
-            "patient_from_slides": from_slides,
-            "baselines": {"cbc_only": {"patient": summarise_repeats(y, cbc_probs, classes)}},
+        metrics: dict[str, Any] = {
+            "task": tasks[0] if len(tasks) == 1 else list(tasks), "classes": classes, "model": spec["model"],
+            "fusion": spec["fusion"]}
+        if classify:
+            metrics |= {
+                "patient": summarise_repeats(y, patient_probs, classes),
+                "slide": slide_metrics,
+                "patient_from_slides": from_slides,
+                "baselines": {"cbc_only": {"patient": summarise_repeats(y, cbc_probs, classes)}},
+            }
+        if survive:
+            metrics["survival"] = _survival_metrics(time_, event, patient_risk, cbc_risk, tmp, t["seed"])
+        metrics |= {
             "n_patients": len(ids), "n_slides": len({rec[0] for rec in slide_records}), "folds": folds, "repeats": repeats,
             "backbone": info.backbone, "feature_dim": info.feature_dim,
             "wall_time_s": round(time.perf_counter() - started, 1),
         }
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         tracker.log_summary(metrics)
-        tracker.log_classification_plots("patient", y, patient_probs.mean(axis=0), classes)
-        tracker.log_classification_plots("baselines/cbc_only/patient", y, cbc_probs.mean(axis=0), classes)
+        if classify:
+            tracker.log_classification_plots("patient", y, patient_probs.mean(axis=0), classes)
+            tracker.log_classification_plots("baselines/cbc_only/patient", y, cbc_probs.mean(axis=0), classes)
         tracker.log_predictions("predictions", ids, "patient", labels, patient_probs.mean(axis=0), classes,
                                 {"fold": fold_of[0].tolist()})
         tracker.log_checkpoints(tmp / "checkpoints", out.name)
@@ -211,29 +301,37 @@ def run_train(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: 
     """One model on all labelled patients, early-stopped on an inner validation split."""
     bags, out = Path(bags), Path(out)
     store, info, spec, ids = _prepare(config, cohort, bags)
+    tasks = config["loss"]["task"]
     y = cohort.labels(ids)
+    time_, event = _follow_up(cohort, ids)
+    strata = y if "classification" in tasks else _event_strata(event, 2)
     t = config["train"]
     device = resolve_device(t["device"])
     with (atomic_folder(out, overwrite=overwrite, what="run folder") as tmp,
           start_tracker(config, tmp, name=out.name, job_type="train", final_folder=out) as tracker):
         (tmp / "config.yaml").write_text(dump_config(config), encoding="utf-8")
-        train_ids, val_ids = inner_split(ids, y, t["val_fraction"], t["seed"])
+        train_ids, val_ids = inner_split(ids, strata, t["val_fraction"], t["seed"])
         model, history = train_model(config, store, spec, train_ids, val_ids, device,
                                      _history_writer(tmp / "history.jsonl", tracker), progress,
                                      desc=f"train {spec['model']}")
-        save_checkpoint(tmp / "checkpoints" / "model", model, spec,
+        save_checkpoint(tmp / "checkpoints" / "model", model, model.spec,
                         {"bags": _bag_meta(info), "test_patients": [], "train_patients": train_ids,
                          "val_patients": val_ids})
         val = predict(model, store.many(val_ids), t["batch_size"], device=device, amp=t["amp"])
-        metrics = {"task": "classification", "classes": cohort.classes, "model": spec["model"],
-                   "fusion": spec["fusion"], "validation": classification_metrics(cohort.labels(val_ids), val.probs,
-                                                                                   cohort.classes),
+        metrics = {"task": tasks[0] if len(tasks) == 1 else list(tasks), "classes": cohort.classes,
+                   "model": spec["model"], "fusion": spec["fusion"],
                    "n_patients": len(ids), "n_train": len(train_ids), "n_val": len(val_ids),
                    "epochs_run": len(history), "backbone": info.backbone, "feature_dim": info.feature_dim}
+        if "classification" in tasks:
+            metrics["validation"] = classification_metrics(cohort.labels(val_ids), val.probs, cohort.classes)
+        if "survival" in tasks and val.risk is not None:
+            vt, ve = _follow_up(cohort, val_ids)
+            metrics["validation_survival"] = {"c_index": concordance_summary(vt, ve, val.risk, seed=t["seed"])}
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         val_y = cohort.labels(val_ids)
         tracker.log_summary(metrics)
-        tracker.log_classification_plots("validation", val_y, val.probs, cohort.classes)
+        if "classification" in tasks:
+            tracker.log_classification_plots("validation", val_y, val.probs, cohort.classes)
         tracker.log_predictions("validation_predictions", val_ids, "patient",
                                 [cohort.patients[p].label for p in val_ids], val.probs, cohort.classes)
         tracker.log_checkpoints(tmp / "checkpoints", out.name)
