@@ -66,7 +66,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "device": "auto",
         "amp": True,
     },
-    "cv": {"folds": 5, "repeats": 1},
+    "cv": {
+        "folds": 5,
+        "repeats": 1,
+        # Faithfulness (bags with `diagnostic` truth): occlusion costs a forward pass per cell, so it
+        # is measured on this many test patients (spread over the folds); 0 = attention only.
+        "occlusion_patients": 40,
+    },
     "tracking": {
         # offline: a local W&B run in <run>/wandb/ to upload later with `wandb sync`; online; disabled.
         # A WANDB_MODE environment variable of offline or disabled makes it more private, never less.
@@ -216,6 +222,8 @@ def validate_values(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"train.lr must be between 0 and 1, got {train['lr']}")
     if not 0.0 < train["val_fraction"] < 0.5:
         raise ConfigError(f"train.val_fraction must be between 0 and 0.5, got {train['val_fraction']}")
+    if config["cv"]["occlusion_patients"] < 0:
+        raise ConfigError(f"cv.occlusion_patients must be ≥ 0, got {config['cv']['occlusion_patients']}")
     if config["cv"]["folds"] < 2:
         raise ConfigError(f"cv.folds must be at least 2, got {config['cv']['folds']}")
     tracking = config["tracking"]

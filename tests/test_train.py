@@ -124,6 +124,11 @@ def test_cv_learns_the_planted_signal_and_writes_the_run(cv_run, planted) -> Non
         lo, hi = metrics["patient"][key]["ci95"]
         assert lo <= hi
     assert {"slide", "patient_from_slides", "baselines"} <= metrics.keys()
+    # Faithfulness: out-of-fold attention and occlusion rank the planted (diagnostic) cells first.
+    attention, occluded = metrics["attention"]["diagnostic_auroc"], metrics["occlusion"]["diagnostic_auroc"]
+    assert attention["n_patients"] == occluded["n_patients"] == 12   # the 'disease' patients
+    # Removing one of several planted cells moves the probability little, so occlusion is noisier.
+    assert attention["mean"] >= 0.8 and occluded["mean"] > 0.5
     assert metrics["n_patients"] == 24 and metrics["n_slides"] == 36 and metrics["folds"] == 3
     assert json.loads((out / "metrics.json").read_text()) == metrics
     with open(out / "predictions.csv") as fh:

@@ -146,6 +146,38 @@ def _mean_summary(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "ci95": first["ci95"], "per_repeat": [s["mean"] for s in summaries]}
 
 
+def _diagnostic_truth(bags: Path, bag: PatientBag) -> np.ndarray | None:
+    """``[N]`` bool per-cell truth of a patient's bag (slides in bag order), None unless every slide has it."""
+    from milhema.bags import read_bag
+
+    parts = [read_bag(bags / f"{sid}.h5", thumbnails=False).diagnostic for sid in bag.slide_ids]
+    if not parts or any(p is None for p in parts):
+        return None
+    truth = np.concatenate(parts).astype(bool)
+    return truth if len(truth) == bag.n_cells else None
+
+
+def _occlusion_scores(model: PatientModel, bag: PatientBag, device: torch.device) -> np.ndarray:
+    """``[N]`` drop in the predicted class's probability when each cell is left out."""
+    from milhema.explain.scores import occlusion  # explain builds on train: imported when used
+
+    drops = occlusion(model, bag, device)
+    if drops.shape[0] == 0:
+        return np.zeros(0)
+    target = int(np.argmax(predict(model, [bag], 1, device=device, amp=False).probs[0]))
+    return drops[:, target]
+
+
+def _faithfulness(scores: Mapping[str, Mapping[str, np.ndarray]],
+                  truth: Mapping[str, np.ndarray | None]) -> dict[str, Any]:
+    """``{"attention": {"diagnostic_auroc": …}, "occlusion": {…}}``: per-patient AUROC of out-of-fold
+    cell scores against the cells' ``diagnostic`` truth (patients that have both kinds of cells)."""
+    from milhema.explain.faithfulness import diagnostic_auroc
+
+    return {method: {"diagnostic_auroc": diagnostic_auroc(per_patient, truth)}
+            for method, per_patient in scores.items() if per_patient}
+
+
 def _event_strata(event: np.ndarray, folds: int) -> np.ndarray:
     """Strata for survival-only splits: event vs censored/unfollowed, or one group if either is too rare."""
     strata = np.nan_to_num(event, nan=0.0).astype(np.int64)
@@ -198,6 +230,8 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
         patient_risk = np.full((repeats, len(ids)), np.nan)
         cbc_risk = np.full((repeats, len(ids)), np.nan)
         slide_records: list[tuple[str, str, int, int, np.ndarray]] = []
+        faithful: dict[str, dict[str, np.ndarray]] = {"attention": {}, "occlusion": {}}
+        truth: dict[str, np.ndarray | None] = {}
         position = {p: i for i, p in enumerate(ids)}
         cbc = cbc_design(cohort, ids, config["data"]["cbc_log_columns"])
         bar = tqdm(total=folds * repeats, desc=f"cv {spec['model']}", unit="fold", disable=None if progress else True)
@@ -233,6 +267,11 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
                     for j, bag in enumerate(test_bags):
                         write_cell_scores(tmp / "cell_scores", bag, result.patient.cell_scores[j],
                                           result.patient.class_cell_scores[j], classes)
+                        truth[bag.patient_id] = _diagnostic_truth(bags, bag)
+                        if truth[bag.patient_id] is not None and classify:
+                            faithful["attention"][bag.patient_id] = result.patient.cell_scores[j]
+                            if j < -(-config["cv"]["occlusion_patients"] // folds):
+                                faithful["occlusion"][bag.patient_id] = _occlusion_scores(model, bag, device)
                 bar.update(1)
         bar.close()
         labels = [cohort.patients[p].label for p in ids]
@@ -258,6 +297,8 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
                 "patient_from_slides": from_slides,
                 "baselines": {"cbc_only": {"patient": summarise_repeats(y, cbc_probs, classes)}},
             }
+        if faithful["attention"]:
+            metrics |= _faithfulness(faithful, truth)
         if survive:
             metrics["survival"] = _survival_metrics(time_, event, patient_risk, cbc_risk, tmp, t["seed"])
         metrics |= {
