@@ -12,15 +12,48 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
+from scipy.stats import rankdata
+from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 
 SUMMARY_METRICS = ("balanced_accuracy", "macro_f1", "macro_auroc", "accuracy", "ece")
 
 
 def macro_auroc(y: np.ndarray, prob: np.ndarray, n_classes: int) -> float:
-    """One-vs-rest AUROC averaged over the classes present with both outcomes (nan if none)."""
-    values = [roc_auc_score(y == k, prob[:, k]) for k in range(n_classes) if 0 < (y == k).sum() < len(y)]
+    """One-vs-rest AUROC averaged over the classes present with both outcomes (nan if none).
+
+    Computed from ranks (Mann–Whitney U, ties averaged): the same value as scikit-learn's
+    ``roc_auc_score`` at a fraction of its cost, which matters inside a 1,000-fold bootstrap.
+    """
+    values = []
+    n = len(y)
+    for k in range(n_classes):
+        positive = y == k
+        n_pos = int(positive.sum())
+        if 0 < n_pos < n:
+            ranks = rankdata(prob[:, k])
+            values.append((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos)))
     return float(np.mean(values)) if values else float("nan")
+
+
+def _confusion(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    return np.bincount(y * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def _balanced_accuracy(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
+    """Mean recall over the classes present in ``y`` (as scikit-learn's balanced_accuracy_score)."""
+    cm = _confusion(y, pred, n_classes)
+    support = cm.sum(axis=1)
+    present = support > 0
+    return float(np.mean(np.diag(cm)[present] / support[present])) if present.any() else float("nan")
+
+
+def _macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
+    """F1 averaged over all ``n_classes`` labels, 0 where undefined (scikit-learn's zero_division=0)."""
+    cm = _confusion(y, pred, n_classes)
+    tp = np.diag(cm).astype(float)
+    denominator = cm.sum(axis=0) + cm.sum(axis=1)   # 2·tp + fp + fn
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    return float(f1.mean())
 
 
 def expected_calibration_error(y: np.ndarray, prob: np.ndarray, n_bins: int = 10) -> float:
@@ -43,11 +76,11 @@ def _point(name: str, y: np.ndarray, prob: np.ndarray, n_classes: int) -> float:
     if name == "ece":
         return expected_calibration_error(y, prob)
     if name == "balanced_accuracy":
-        return float(balanced_accuracy_score(y, pred))
+        return _balanced_accuracy(y, pred, n_classes)
     if name == "macro_f1":
-        return float(f1_score(y, pred, average="macro", labels=list(range(n_classes)), zero_division=0))
+        return _macro_f1(y, pred, n_classes)
     if name == "accuracy":
-        return float(accuracy_score(y, pred))
+        return float(np.mean(y == pred)) if len(y) else float("nan")
     return macro_auroc(y, prob, n_classes)
 
 

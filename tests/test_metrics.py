@@ -1,0 +1,45 @@
+"""The fast metric implementations used in the bootstrap equal scikit-learn's."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+from milhema.train.metrics import _point, classification_metrics
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_metrics_equal_scikit_learn(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for trial in range(60):
+        n, k = int(rng.integers(3, 60)), int(rng.integers(2, 6))
+        y = rng.integers(0, k, n)
+        prob = rng.dirichlet(np.ones(k), n)
+        if trial % 3 == 0:
+            prob = np.round(prob, 1)   # ties in the scores
+        pred = prob.argmax(axis=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # sklearn warns when a class is absent from y
+            expected = {
+                "balanced_accuracy": balanced_accuracy_score(y, pred),
+                "macro_f1": f1_score(y, pred, average="macro", labels=list(range(k)), zero_division=0),
+                "accuracy": accuracy_score(y, pred),
+            }
+        aucs = [roc_auc_score(y == c, prob[:, c]) for c in range(k) if 0 < (y == c).sum() < n]
+        expected["macro_auroc"] = float(np.mean(aucs)) if aucs else float("nan")
+        for name, value in expected.items():
+            got = _point(name, y, prob, k)
+            assert got == pytest.approx(value, abs=1e-12, nan_ok=True), (name, trial)
+
+
+def test_bootstrap_interval_holds_the_point_estimate() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 120)
+    prob = np.eye(3)[y] * 0.25 + rng.dirichlet(np.ones(3), 120) * 0.75
+    metrics = classification_metrics(y, prob, ["a", "b", "c"], n_boot=300)
+    for name in ("balanced_accuracy", "macro_f1", "macro_auroc", "accuracy"):
+        lo, hi = metrics[name]["ci95"]
+        assert lo <= metrics[name]["mean"] <= hi and metrics[name]["std"] > 0
