@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,7 +141,7 @@ def _attach_truth(wsi: WholeSlide, found: Detections) -> tuple[list[str] | None,
     for t, f in match_points(xy, found.centres.astype(np.float64), MATCH_UM / wsi.mpp):
         cell_types[f] = types[t]
         diagnostic[f] = diag[t]
-    if len(xy) and not math.isnan(wsi.mpp):
+    if len(xy):
         log.info("slide %s: %d of %d annotated cells detected", wsi.slide_id,
                  sum(t != UNMATCHED for t in cell_types), len(xy))
     return cell_types, diagnostic

@@ -34,6 +34,7 @@ class PatientBag:
         cbc: ``[C]`` raw CBC values, NaN = missing.
         label: class index, -1 if unknown.
         time, event: follow-up (NaN when the patient has none).
+        diagnostic: ``[N]`` bool per-cell truth when every slide's bag carries it, else None.
     """
 
     patient_id: str
@@ -47,6 +48,7 @@ class PatientBag:
     cbc: np.ndarray
     time: float = math.nan
     event: float = math.nan
+    diagnostic: np.ndarray | None = None
 
     @property
     def n_cells(self) -> int:
@@ -57,7 +59,7 @@ class PatientBag:
         sel = self.slide_index == i
         return PatientBag(self.patient_id, self.label, self.features[sel], np.zeros(int(sel.sum()), np.int64),
                           self.view_index[sel], self.coords[sel], self.cell_ids[sel], [self.slide_ids[i]], self.cbc,
-                          self.time, self.event)
+                          self.time, self.event, None if self.diagnostic is None else self.diagnostic[sel])
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,8 @@ class BagStore:
             coords=np.concatenate([b.coords for b, _, _ in parts]).astype(np.float32),
             cell_ids=np.concatenate([np.asarray(b.cell_ids, dtype=object) for b, _, _ in parts]),
             slide_ids=slide_ids, cbc=cbc, **follow_up,
+            diagnostic=(np.concatenate([b.diagnostic for b, _, _ in parts]).astype(bool)
+                        if all(b.diagnostic is not None for b, _, _ in parts) else None),
         )
 
 

@@ -30,7 +30,13 @@ from milhema.train.data import BagInfo, BagStore, PatientBag, inspect_bags, reso
 from milhema.train.loop import Prediction, fit, predict
 from milhema.train.metrics import classification_metrics, summarise_repeats
 from milhema.train.model import PatientModel, build_model, model_spec
-from milhema.train.outputs import prediction_header, prediction_rows, write_cell_scores, write_csv
+from milhema.train.outputs import (
+    prediction_header,
+    prediction_rows,
+    rank_percentiles,
+    write_cell_scores,
+    write_csv,
+)
 from milhema.train.survival import (
     cbc_cox_risk,
     concordance_summary,
@@ -146,26 +152,12 @@ def _mean_summary(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "ci95": first["ci95"], "per_repeat": [s["mean"] for s in summaries]}
 
 
-def _diagnostic_truth(bags: Path, bag: PatientBag) -> np.ndarray | None:
-    """``[N]`` bool per-cell truth of a patient's bag (slides in bag order), None unless every slide has it."""
-    from milhema.bags import read_bag
-
-    parts = [read_bag(bags / f"{sid}.h5", thumbnails=False).diagnostic for sid in bag.slide_ids]
-    if not parts or any(p is None for p in parts):
-        return None
-    truth = np.concatenate(parts).astype(bool)
-    return truth if len(truth) == bag.n_cells else None
-
-
-def _occlusion_scores(model: PatientModel, bag: PatientBag, device: torch.device) -> np.ndarray:
-    """``[N]`` drop in the predicted class's probability when each cell is left out."""
+def _occlusion_scores(model: PatientModel, bag: PatientBag, target: int, device: torch.device) -> np.ndarray:
+    """``[N]`` drop in the probability of class ``target`` (the predicted one) when each cell is left out."""
     from milhema.explain.scores import occlusion  # explain builds on train: imported when used
 
     drops = occlusion(model, bag, device)
-    if drops.shape[0] == 0:
-        return np.zeros(0)
-    target = int(np.argmax(predict(model, [bag], 1, device=device, amp=False).probs[0]))
-    return drops[:, target]
+    return drops[:, target] if drops.shape[0] else np.zeros(0)
 
 
 def _faithfulness(scores: Mapping[str, Mapping[str, np.ndarray]],
@@ -182,11 +174,6 @@ def _event_strata(event: np.ndarray, folds: int) -> np.ndarray:
     """Strata for survival-only splits: event vs censored/unfollowed, or one group if either is too rare."""
     strata = np.nan_to_num(event, nan=0.0).astype(np.int64)
     return strata if np.bincount(strata, minlength=2).min() >= folds else np.zeros_like(strata)
-
-
-def _percentile_within(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(np.argsort(values, kind="stable"), kind="stable")
-    return (order + 1) / max(len(values), 1)
 
 
 def _bag_meta(info: BagInfo) -> dict[str, Any]:
@@ -258,20 +245,21 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
                     fold_of[r, position[pid]] = k
                 if survive and result.patient.risk is not None:
                     test_pos = [position[p] for p in result.patient_ids]
-                    patient_risk[r, test_pos] = _percentile_within(result.patient.risk)
-                    cbc_risk[r, test_idx] = _percentile_within(
-                        cbc_cox_risk(cbc[train_idx], time_[train_idx], event[train_idx], cbc[test_idx]))
+                    patient_risk[r, test_pos] = rank_percentiles(result.patient.risk) / 100.0
+                    cbc_risk[r, test_idx] = rank_percentiles(
+                        cbc_cox_risk(cbc[train_idx], time_[train_idx], event[train_idx], cbc[test_idx])) / 100.0
                 slide_records += [(sid, result.slide_patient[j], r, k, result.slide.probs[j])
                                   for j, sid in enumerate(result.slide_ids)]
                 if r == 0:
                     for j, bag in enumerate(test_bags):
                         write_cell_scores(tmp / "cell_scores", bag, result.patient.cell_scores[j],
                                           result.patient.class_cell_scores[j], classes)
-                        truth[bag.patient_id] = _diagnostic_truth(bags, bag)
-                        if truth[bag.patient_id] is not None and classify:
+                        truth[bag.patient_id] = bag.diagnostic
+                        if bag.diagnostic is not None and classify:
                             faithful["attention"][bag.patient_id] = result.patient.cell_scores[j]
                             if j < -(-config["cv"]["occlusion_patients"] // folds):
-                                faithful["occlusion"][bag.patient_id] = _occlusion_scores(model, bag, device)
+                                target = int(result.patient.probs[j].argmax())
+                                faithful["occlusion"][bag.patient_id] = _occlusion_scores(model, bag, target, device)
                 bar.update(1)
         bar.close()
         labels = [cohort.patients[p].label for p in ids]
