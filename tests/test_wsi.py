@@ -51,6 +51,11 @@ def test_scan_opens_with_mpp_levels_and_truth(wsi_cohort: Path) -> None:
     # The smear is mostly pink red cells over light glass, never black.
     assert 120 < region.mean() < 250
     assert (slide.read(-40, -40, 32, 32) == 255).all()   # outside the slide: white glass
+    rng = np.random.default_rng(0)
+    for _ in range(40):   # the block cache returns exactly what a direct read does, edges included
+        x, y = (int(v) for v in rng.integers(-100, 1100, 2))
+        w, h = (int(v) for v in rng.integers(1, 600, 2))
+        assert np.array_equal(slide.read_cached(x, y, w, h), slide.read(x, y, w, h))
     xy, types, diag = read_scan_truth(scans[0].with_name(scans[0].stem + ".cells.csv"), "S")
     assert len(xy) == len(types) == len(diag) > 0
     assert ((xy > 0) & (xy < 1024)).all()

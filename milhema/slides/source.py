@@ -60,7 +60,7 @@ class CellSource:
             return read_crop(self.paths[i])
         x, y = self.coords[i]
         half = self.crop_px // 2
-        return self.slide.read(int(round(x)) - half, int(round(y)) - half, self.crop_px, self.crop_px)
+        return self.slide.read_cached(int(round(x)) - half, int(round(y)) - half, self.crop_px, self.crop_px)
 
 
 def open_source(slide: Slide, detections_dir: Path, crop_um: float, detector: str = "stain",
