@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from milhema.slides.wsi import WholeSlide
 
-DETECTOR_VERSION = 1
+DETECTOR_VERSION = 2
 # Red-channel OD of one grey level, computed once: od = -ln((value + 1) / 256).
 _OD_LUT = (-np.log((np.arange(256, dtype=np.float64) + 1.0) / 256.0)).astype(np.float32)
 
@@ -45,6 +45,8 @@ class DetectOptions:
     nucleus_od: float = 0.40          # ... and above which it is nuclear chromatin
     smooth_um: float = 0.8            # Gaussian smoothing before thresholding (removes granules, noise)
     min_nucleus_um2: float = 14.0     # smaller dark objects are platelets or stain precipitate
+    smudge_od: float = 0.22           # paler chromatin still counts if it covers smudge_factor × that area
+    smudge_factor: float = 3.0
     min_cell_um2: float = 40.0        # smaller cells are debris
     max_cell_um2: float = 1200.0      # larger connected objects are split (several cells) or ignored
     split_min_um: float = 2.5         # touching cells: centres of their basins at least this far apart
@@ -168,7 +170,10 @@ def segment_cells(rgb: np.ndarray, mpp: float, options: DetectOptions | None = N
             continue
         nucleus = region & (nuclear[window] > options.nucleus_od)
         if nucleus.sum() < min_nucleus:
-            continue
+            # A smudge cell: chromatin spread thin, pale but over a large area.
+            nucleus = region & (nuclear[window] > options.smudge_od)
+            if nucleus.sum() < options.smudge_factor * min_nucleus:
+                continue
         pieces = [region]
         # Touching cells: one basin per cell of the distance to the outline, split along the waist.
         # Kept only if every piece is a plausible cell, so an elongated cell is not cut in two.
