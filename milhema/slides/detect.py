@@ -8,7 +8,8 @@
    gives the cell (nucleus + basophilic cytoplasm), a high one the nucleus; touching cells are split
    by a watershed on the distance to the cell border, seeded by its local maxima, where the waist
    between two basins is clearly narrower than the cells; objects are kept by
-   nucleus area in µm² (platelets, stain precipitate and debris are smaller).
+   nucleus area in µm² (platelets, stain precipitate and debris are smaller; a smudge cell, whose
+   chromatin is pale but spread, is kept by a lower threshold over a larger area).
 3. A cell belongs to the tile whose core holds its centre, so cells on tile borders are found once.
 
 Any function ``(WholeSlide, DetectOptions) -> Detections`` can stand in for :func:`detect_cells`
