@@ -25,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from perf_record import record  # tools/ is on sys.path when a tool runs as a script
 
 from milhema.slides.detect import DetectOptions, detect_cells, match_points
 from milhema.slides.wsi import WholeSlide, read_scan_truth, truth_path
@@ -147,9 +148,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.record:
-        docs = Path(__file__).resolve().parent.parent / "docs" / "PERFORMANCE.md"
-        with docs.open("a", encoding="utf-8") as fh:
-            fh.write("\n" + text)
+        record(text)
 
 
 if __name__ == "__main__":

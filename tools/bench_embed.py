@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from perf_record import record  # tools/ is on sys.path when a tool runs as a script
 
 from milhema.data.manifest import load_cohort
 from milhema.device import resolve_device
@@ -127,9 +128,7 @@ def main() -> None:
     text = "\n".join(lines) + f"\n\nMachine: {platform.machine()}, {os.cpu_count()} CPUs.\n"
     print(text)
     if args.record:
-        docs = Path(__file__).resolve().parent.parent / "docs" / "PERFORMANCE.md"
-        with docs.open("a", encoding="utf-8") as fh:
-            fh.write("\n" + text)
+        record(text)
 
 
 if __name__ == "__main__":

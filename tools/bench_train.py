@@ -17,10 +17,10 @@ import argparse
 import datetime
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from perf_record import record  # tools/ is on sys.path when a tool runs as a script
 
 from milhema.config import load_config
 from milhema.device import resolve_device
@@ -136,9 +136,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.record:
-        docs = Path(__file__).resolve().parent.parent / "docs" / "PERFORMANCE.md"
-        with docs.open("a", encoding="utf-8") as fh:
-            fh.write(f"\n{text}\nMachine: {platform.machine()}, {platform.system()}.\n")
+        record(text + f"\nMachine: {platform.machine()}, {platform.system()}.\n")
 
 
 if __name__ == "__main__":

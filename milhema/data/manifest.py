@@ -95,6 +95,17 @@ class Cohort:
         ).reshape(len(ids), len(self.cbc_columns))
 
 
+    def follow_up(self, patient_ids: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``time``, ``event`` ``[P]`` float64 from patients.csv, ``nan`` for a patient without follow-up."""
+        ids = self.patient_ids if patient_ids is None else patient_ids
+
+        def column(name: str) -> np.ndarray:
+            values = [getattr(self.patients[p], name) for p in ids]
+            return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+        return column("time"), column("event")
+
+
 def load_cohort(
     folder: str | Path,
     classes: Sequence[str],

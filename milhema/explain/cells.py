@@ -51,7 +51,7 @@ class PatientCells:
 
 def patient_cells(cohort: Cohort, bags: Path, bag: PatientBag) -> PatientCells:
     """Read the bag files of ``bag``'s slides and check they line up with it cell by cell."""
-    slides, cells, index, boxes, thumbs, types, diag = [], [], [], [], [], [], []
+    slides, cells, index, boxes, thumbs, types = [], [], [], [], [], []
     for slide_id in bag.slide_ids:
         b = read_bag(Path(bags) / f"{slide_id}.h5", thumbnails=True)
         n = b.n_cells
@@ -61,7 +61,6 @@ def patient_cells(cohort: Cohort, bags: Path, bag: PatientBag) -> PatientCells:
         boxes.append(b.bboxes.astype(np.float64) if b.bboxes is not None else np.full((n, 4), np.nan))
         thumbs.append(b.thumbnails)
         types.append(b.cell_types)
-        diag.append(b.diagnostic)
     if not slides:
         empty = np.zeros(0, dtype=object)
         return PatientCells(empty, empty, np.zeros(0, int), np.zeros((0, 2)), np.zeros((0, 4)), None, None, None,
@@ -79,6 +78,5 @@ def patient_cells(cohort: Cohort, bags: Path, bag: PatientBag) -> PatientCells:
     if any(t is not None for t in types):
         cell_types = np.concatenate([np.asarray(t, dtype=object) if t is not None else np.full(len(s), "", object)
                                      for t, s in zip(types, slides, strict=True)])
-    diagnostic = np.concatenate(diag) if all(d is not None for d in diag) else None
     return PatientCells(np.concatenate(slides), cell_ids, np.concatenate(index), bag.coords.astype(np.float64),
-                        np.concatenate(boxes), thumbnails, cell_types, diagnostic, bag.features)
+                        np.concatenate(boxes), thumbnails, cell_types, bag.diagnostic, bag.features)

@@ -53,6 +53,20 @@ def normalize_scores(scores: Tensor, mask: Tensor) -> Tensor:
     return scores / torch.where(total > 0, total, torch.ones_like(total))
 
 
+def masked_max(h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Max over the valid rows of ``h [B, N, H]`` -> ``[B, H]`` (0 for an empty bag), and each row's
+    share of the maxima ``[B, N]``: the fraction of the H dimensions it wins, ties split evenly, so
+    the shares of a non-empty bag sum to 1 (no gradient: it is a score, not part of the model)."""
+    filled = h.masked_fill(~mask[..., None], float("-inf"))
+    top = filled.amax(dim=1)                                                # [B, H]
+    z = torch.where(mask.any(1, keepdim=True), top, torch.zeros_like(top))
+    with torch.no_grad():
+        won = (filled == top[:, None, :]) & mask[..., None]                 # [B, N, H]
+        won = won.float() / won.sum(1, keepdim=True).clamp_min(1)
+        share = won.mean(-1)
+    return z, share
+
+
 def predicted_class_scores(class_scores: Tensor, logits: Tensor) -> Tensor:
     """The ``[B, N]`` column of ``class_scores [B, N, K]`` belonging to each bag's predicted class."""
     pred = logits.argmax(dim=-1)                                          # [B]

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from milhema.models.attention import GatedAttention, masked_softmax
-from milhema.models.base import MILModel, MILOutput, cell_encoder, normalize_scores, require
+from milhema.models.base import MILModel, MILOutput, cell_encoder, masked_max, normalize_scores, require
 from milhema.models.registry import register_model
 
 VIEW_POOLS = ("max", "attention")
@@ -76,13 +76,7 @@ class MultiViewMIL(MILModel):
             view_w = masked_softmax(self.view_attention.logits(view_emb, cond)[..., 0], present, dim=1)
             z = torch.einsum("bv,bvh->bh", view_w.to(h.dtype), view_emb)
         else:
-            filled = view_emb.masked_fill(~present[..., None], float("-inf"))
-            top = filled.amax(dim=1)                                                # [B, H]
-            z = torch.where(present.any(1, keepdim=True), top, torch.zeros_like(top))
-            with torch.no_grad():
-                won = (filled == top[:, None, :]) & present[..., None]              # [B, V, H]
-                won = won.float() / won.sum(1, keepdim=True).clamp_min(1)
-                view_w = won.mean(-1)                                               # [B, V], sums to 1
+            z, view_w = masked_max(view_emb, present)                               # [B, H], [B, V]
 
         emb = self.fusion.bag(z, cbc)
         scores = normalize_scores(torch.einsum("bnv,bv->bn", cell_w, view_w.float()), mask)

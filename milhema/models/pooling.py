@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from milhema.models.base import MILModel, MILOutput, cell_encoder, normalize_scores
+from milhema.models.base import MILModel, MILOutput, cell_encoder, masked_max, normalize_scores
 from milhema.models.registry import register_model
 
 
@@ -56,11 +55,4 @@ class MaxPoolMIL(_PoolingMIL):
     """
 
     def pool(self, h: Tensor, mask: Tensor, cbc: Tensor | None) -> tuple[Tensor, Tensor]:
-        filled = h.masked_fill(~mask[..., None], float("-inf"))
-        top = filled.amax(dim=1)                                             # [B, H]
-        z = torch.where(mask.any(1, keepdim=True), top, torch.zeros_like(top))
-        with torch.no_grad():
-            won = (filled == top[:, None, :]) & mask[..., None]              # [B, N, H]
-            won = won.float() / won.sum(1, keepdim=True).clamp_min(1)
-            scores = won.sum(-1)
-        return z, scores
+        return masked_max(h, mask)

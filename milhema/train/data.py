@@ -166,9 +166,8 @@ class BagStore:
         dim = parts[0][0].feature_dim if parts else (0 if self.columns is None else len(self.columns))
         label = self.cohort.labels([patient_id])[0]
         cbc = self.cohort.cbc_matrix([patient_id])[0].astype(np.float32)
-        patient = self.cohort.patients[patient_id]
-        follow_up = {"time": math.nan if patient.time is None else float(patient.time),
-                     "event": math.nan if patient.event is None else float(patient.event)}
+        time, event = self.cohort.follow_up([patient_id])
+        follow_up = {"time": float(time[0]), "event": float(event[0])}
         if not parts:
             return PatientBag(patient_id, int(label), np.zeros((0, dim), np.float16), np.zeros(0, np.int64),
                               np.zeros(0, np.int64), np.zeros((0, 2), np.float32), np.zeros(0, object), [], cbc,

@@ -119,13 +119,6 @@ def _prepare(config: Mapping[str, Any], cohort: Cohort, bags: Path) -> tuple[Bag
     return store, info, spec, ids
 
 
-def _follow_up(cohort: Cohort, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """time, event ``[P]`` float (NaN without follow-up)."""
-    time_ = np.array([np.nan if cohort.patients[p].time is None else cohort.patients[p].time for p in ids], float)
-    event = np.array([np.nan if cohort.patients[p].event is None else cohort.patients[p].event for p in ids], float)
-    return time_, event
-
-
 def _survival_metrics(time_: np.ndarray, event: np.ndarray, risk: np.ndarray, cbc_risk: np.ndarray,
                       folder: Path, seed: int) -> dict[str, Any]:
     """C-index (with bootstrap CI) of the out-of-fold risks per repeat, KM tertiles and the CBC Cox baseline.
@@ -200,7 +193,7 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
     tasks = config["loss"]["task"]
     classify = "classification" in tasks
     survive = "survival" in tasks
-    time_, event = _follow_up(cohort, ids)
+    time_, event = cohort.follow_up(ids)
     # Folds are stratified by label; for survival alone, by event (censored patients as one group).
     strata = y if classify else _event_strata(event, folds)
     device = resolve_device(config["train"]["device"])
@@ -332,7 +325,7 @@ def run_train(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: 
     store, info, spec, ids = _prepare(config, cohort, bags)
     tasks = config["loss"]["task"]
     y = cohort.labels(ids)
-    time_, event = _follow_up(cohort, ids)
+    time_, event = cohort.follow_up(ids)
     strata = y if "classification" in tasks else _event_strata(event, 2)
     t = config["train"]
     device = resolve_device(t["device"])
@@ -354,7 +347,7 @@ def run_train(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: 
         if "classification" in tasks:
             metrics["validation"] = classification_metrics(cohort.labels(val_ids), val.probs, cohort.classes)
         if "survival" in tasks and val.risk is not None:
-            vt, ve = _follow_up(cohort, val_ids)
+            vt, ve = cohort.follow_up(val_ids)
             metrics["validation_survival"] = {"c_index": concordance_summary(vt, ve, val.risk, seed=t["seed"])}
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         val_y = cohort.labels(val_ids)
