@@ -197,29 +197,43 @@ def read_bag(path: str | Path, *, thumbnails: bool = True) -> Bag:
     """
     path = Path(path)
     with _open(path) as f:
-        foreign = f.attrs.get("format") != FORMAT
-        _check_structure(f, path, foreign)
-        features = f["features"][()]
-        if features.ndim == 3:  # CLAM writes [1, N, D] in some versions
-            features = features[0]
-        attrs = {k: _plain(v) for k, v in f.attrs.items()}
-        coords = f["coords"][()]
-        if coords.ndim == 3:
-            coords = coords[0]
-        bag = Bag(
-            slide_id=str(attrs.get("slide_id", path.stem)),
-            patient_id=None if foreign else str(attrs["patient_id"]),
-            features=features,
-            coords=coords.astype(np.float32, copy=False),
-            cell_ids=(f["cell_ids"].asstr()[()].astype(object) if "cell_ids" in f
-                      else np.array([f"{x:g}_{y:g}" for x, y in coords[:, :2]], dtype=object)),
-            bboxes=f["bboxes"][()] if "bboxes" in f else None,
-            thumbnails=f["thumbnails"][()] if thumbnails and "thumbnails" in f else None,
-            cell_types=f["cell_types"].asstr()[()].astype(object) if "cell_types" in f else None,
-            diagnostic=f["diagnostic"][()].astype(bool) if "diagnostic" in f else None,
-            attrs=attrs,
-            foreign=foreign,
-        )
+        return read_open_bag(f, path, thumbnails=thumbnails)
+
+
+def open_bag(path: str | Path) -> h5py.File:
+    """The bag file open for reading, for callers that keep handles open (one set per process).
+
+    Raises:
+        BagError: the file is missing or not HDF5.
+    """
+    return _open(Path(path))
+
+
+def read_open_bag(f: h5py.File, path: Path, *, thumbnails: bool = True) -> Bag:
+    """:func:`read_bag` on a file opened by :func:`open_bag`; ``path`` names the file in errors."""
+    foreign = f.attrs.get("format") != FORMAT
+    _check_structure(f, path, foreign)
+    features = f["features"][()]
+    if features.ndim == 3:  # CLAM writes [1, N, D] in some versions
+        features = features[0]
+    attrs = {k: _plain(v) for k, v in f.attrs.items()}
+    coords = f["coords"][()]
+    if coords.ndim == 3:
+        coords = coords[0]
+    bag = Bag(
+        slide_id=str(attrs.get("slide_id", path.stem)),
+        patient_id=None if foreign else str(attrs["patient_id"]),
+        features=features,
+        coords=coords.astype(np.float32, copy=False),
+        cell_ids=(f["cell_ids"].asstr()[()].astype(object) if "cell_ids" in f
+                  else np.array([f"{x:g}_{y:g}" for x, y in coords[:, :2]], dtype=object)),
+        bboxes=f["bboxes"][()] if "bboxes" in f else None,
+        thumbnails=f["thumbnails"][()] if thumbnails and "thumbnails" in f else None,
+        cell_types=f["cell_types"].asstr()[()].astype(object) if "cell_types" in f else None,
+        diagnostic=f["diagnostic"][()].astype(bool) if "diagnostic" in f else None,
+        attrs=attrs,
+        foreign=foreign,
+    )
     if not np.isfinite(bag.features).all():
         raise BagError(f"slide {bag.slide_id}: bag file {path.name} has NaN or Inf features")
     return bag

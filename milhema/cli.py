@@ -63,10 +63,14 @@ def _load_for_training(args: argparse.Namespace, extra: list[str]) -> tuple[dict
 
 
 def _train(args: argparse.Namespace) -> int:
+    from milhema.train import distributed
     from milhema.train.run import run_train
 
     config, cohort = _load_for_training(args, [])
-    metrics = run_train(config, cohort, args.bags, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    with distributed.job():
+        metrics = run_train(config, cohort, args.bags, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    if distributed.launched_rank() != 0:  # under torchrun, rank 0 reports
+        return 0
     scores = []
     if "validation" in metrics:
         scores.append(f"balanced accuracy {metrics['validation']['balanced_accuracy']['mean']:.3f}")
@@ -79,13 +83,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _cv(args: argparse.Namespace) -> int:
+    from milhema.train import distributed
     from milhema.train.metrics import format_ci
     from milhema.train.run import run_cv
 
     extra = [f"cv.folds={args.folds}"] if args.folds else []
     extra += [f"cv.repeats={args.repeats}"] if args.repeats else []
     config, cohort = _load_for_training(args, extra)
-    m = run_cv(config, cohort, args.bags, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    with distributed.job():
+        m = run_cv(config, cohort, args.bags, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    if distributed.launched_rank() != 0:  # under torchrun, rank 0 reports
+        return 0
     print(f"{m['model']} + CBC fusion '{m['fusion']}', {m['folds']}-fold cv x {m['repeats']}, {m['n_patients']} patients")
     if "patient" in m:
         base = m["baselines"]["cbc_only"]["patient"]

@@ -33,7 +33,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # on small cohorts the subsampling is a strong augmentation (see docs/RESULTS.md).
         "max_cells": 128,
         "standardize_features": True,
+        # true: every bag is read from disk once and kept in memory; false: bags are streamed from
+        # their HDF5 files at every access (cohorts larger than RAM train in bounded memory).
         "cache": True,
+        # Processes reading and batching training bags (0 = the training process itself); each
+        # opens the bag files it needs once. Worth it with `cache: false` and spare cores.
+        "workers": 0,
     },
     "model": {
         "name": "abmil",
@@ -204,6 +209,8 @@ def validate_values(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"data.feature_blocks must be null or a list of block names like [morphology], got {blocks!r}")
     if data["max_cells"] < 1:
         raise ConfigError(f"data.max_cells must be at least 1, got {data['max_cells']}")
+    if data["workers"] < 0:
+        raise ConfigError(f"data.workers must be 0 (read bags in the training process) or more, got {data['workers']}")
     loss = config["loss"]
     tasks = loss["task"]
     if not tasks or len(set(tasks)) != len(tasks) or not set(tasks) <= {"classification", "survival"}:

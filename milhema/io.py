@@ -34,6 +34,17 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]
     write_text(path, buffer.getvalue())
 
 
+def check_free(out: Path, *, overwrite: bool = False, what: str = "folder",
+               hint: str = "choose another folder or pass --overwrite") -> None:
+    """Refuse to replace a non-empty ``out`` unless ``overwrite``.
+
+    Raises:
+        MilhemaError: ``out`` exists and is not empty, and ``overwrite`` is false.
+    """
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise MilhemaError(f"{what} {out} already exists and is not empty; {hint}")
+
+
 @contextmanager
 def atomic_folder(out: Path, *, overwrite: bool = False, what: str = "folder",
                   hint: str = "choose another folder or pass --overwrite") -> Iterator[Path]:
@@ -43,8 +54,7 @@ def atomic_folder(out: Path, *, overwrite: bool = False, what: str = "folder",
         MilhemaError: ``out`` exists and is not empty, and ``overwrite`` is false.
     """
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MilhemaError(f"{what} {out} already exists and is not empty; {hint}")
+    check_free(out, overwrite=overwrite, what=what, hint=hint)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -102,7 +102,7 @@ def test_collate_pads_masks_and_subsamples(planted) -> None:
     assert set(batch.view[1][batch.mask[1]].tolist()) == {0, 1}  # P01 has a PB and a BM slide
     small = collate(items, max_cells=10, rng=np.random.default_rng(0))
     assert small.x.shape[1] == 10 and small.mask.all()
-    seen = sorted(i for batch_idx in bucketed_batches(store.many(cohort.patient_ids), 5, np.random.default_rng(1))
+    seen = sorted(i for batch_idx in bucketed_batches(store.many(cohort.patient_ids).lengths, 5, np.random.default_rng(1))
                   for i in batch_idx)
     assert seen == list(range(len(cohort.patient_ids)))
 

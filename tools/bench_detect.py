@@ -89,24 +89,34 @@ def _child(path: str, workers: int) -> None:
     }))
 
 
-def scale(scratch: Path, size: int, workers: int) -> list[str]:
+def render_large(path: Path, size: int, workers: int) -> Path:
+    """A ``size`` × ``size`` px MDS smear at 0.25 µm/px and the default cell density, with its truth CSV
+    (kept: rendering 40,000 px takes minutes)."""
     from milhema.io import write_csv
     from milhema.synth.composition import sample_disease, slide_cells
     from milhema.synth.smear import TRUTH_HEADER, plan_smear, write_smear
     from milhema.synth.stain import Stain
 
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2026)
+    n_cells = int(round(size * size * 0.25 ** 2 / 8000.0))
+    cells = slide_cells(sample_disease("MDS", "default", rng), np.array([0.55, 0.3, 0.1, 0.03, 0.02]),
+                        n_cells, "PB", rng)
+    spec = plan_smear(cells, size, size, 0.25, (2026, 1), Stain.random(rng))
+    rows = write_smear(path, spec, workers=workers, progress=True)
+    write_csv(truth_path(path), TRUTH_HEADER, rows)
+    return path
+
+
+def scale(scratch: Path, size: int, workers: int) -> list[str]:
     path = scratch / f"large_{size}.tiff"
     render_s = float("nan")
     if not path.exists():
-        rng = np.random.default_rng(2026)
-        n_cells = int(round(size * size * 0.25 ** 2 / 8000.0))
-        cells = slide_cells(sample_disease("MDS", "default", rng), np.array([0.55, 0.3, 0.1, 0.03, 0.02]),
-                            n_cells, "PB", rng)
-        spec = plan_smear(cells, size, size, 0.25, (2026, 1), Stain.random(rng))
         start = time.perf_counter()
-        rows = write_smear(path, spec, workers=workers, progress=True)
+        render_large(path, size, workers)
         render_s = time.perf_counter() - start
-        write_csv(truth_path(path), TRUTH_HEADER, rows)
     out = subprocess.run([sys.executable, __file__, "--child", str(path), "--workers", str(workers)],
                          check=True, capture_output=True, text=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])

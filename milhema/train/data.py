@@ -3,22 +3,28 @@
 A patient's slides form one bag (slide and view of every cell are kept so scores map back).
 Batches are length-bucketed (bags of similar size together) so padding stays small; during
 training each bag is randomly subsampled to ``data.max_cells``, at evaluation the whole bag is
-used.
+used. With ``data.cache: false`` bags are streamed from their HDF5 files on every access, so a
+cohort larger than memory trains in bounded RAM; loader workers open the files lazily, once each.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
+import h5py
 import numpy as np
 import torch
 
-from milhema.bags import read_bag, read_bag_attrs
+from milhema.bags import Bag, open_bag, read_bag_attrs, read_open_bag
 from milhema.data.manifest import Cohort
 from milhema.errors import BagError
+from milhema.train.distributed import Ranks, shard
 
 
 @dataclass
@@ -56,10 +62,17 @@ class PatientBag:
 
     def slide(self, i: int) -> PatientBag:
         """The bag restricted to the cells of slide ``i``."""
-        sel = self.slide_index == i
-        return PatientBag(self.patient_id, self.label, self.features[sel], np.zeros(int(sel.sum()), np.int64),
-                          self.view_index[sel], self.coords[sel], self.cell_ids[sel], [self.slide_ids[i]], self.cbc,
-                          self.time, self.event, None if self.diagnostic is None else self.diagnostic[sel])
+        sel = np.flatnonzero(self.slide_index == i)
+        one = self.cells(sel)
+        one.slide_index = np.zeros(len(sel), np.int64)
+        one.slide_ids = [self.slide_ids[i]]
+        return one
+
+    def cells(self, rows: np.ndarray) -> PatientBag:
+        """The bag restricted to the cells at ``rows`` (a training subsample, one slide)."""
+        return PatientBag(self.patient_id, self.label, self.features[rows], self.slide_index[rows],
+                          self.view_index[rows], self.coords[rows], self.cell_ids[rows], self.slide_ids, self.cbc,
+                          self.time, self.event, None if self.diagnostic is None else self.diagnostic[rows])
 
 
 @dataclass(frozen=True)
@@ -130,16 +143,26 @@ def inspect_bags(cohort: Cohort, bags: Path, patient_ids: Sequence[str],
 
 
 class BagStore:
-    """Loads patient bags from a bag folder; with ``cache`` each is read from disk once."""
+    """Loads patient bags from a bag folder.
+
+    With ``cache`` each bag is read from disk once and kept; without it every access reads the
+    HDF5 files again (bounded memory for cohorts larger than RAM). Open files are kept per
+    process (at most ``max_open``), so loader workers each open a file once, lazily, and never
+    share a handle with the process that forked them.
+    """
 
     def __init__(self, cohort: Cohort, bags: str | Path, views: Sequence[str], cache: bool = True,
-                 columns: Sequence[int] | None = None) -> None:
+                 columns: Sequence[int] | None = None, max_open: int = 64) -> None:
         self.cohort = cohort
         self.bags = Path(bags)
         self.views = list(views)
         self.cache = cache
         self.columns = None if columns is None else np.asarray(columns)
+        self.max_open = max_open
         self._cached: dict[str, PatientBag] = {}
+        self._n_cells: dict[str, int] = {}
+        self._files: OrderedDict[Path, h5py.File] = OrderedDict()
+        self._pid = os.getpid()
 
     def get(self, patient_id: str) -> PatientBag:
         if patient_id in self._cached:
@@ -149,15 +172,50 @@ class BagStore:
             self._cached[patient_id] = bag
         return bag
 
-    def many(self, patient_ids: Sequence[str]) -> list[PatientBag]:
-        return [self.get(p) for p in patient_ids]
+    def many(self, patient_ids: Sequence[str]) -> BagSequence:
+        """The bags of ``patient_ids``, loaded when accessed."""
+        return BagSequence(self, list(patient_ids))
+
+    def n_cells(self, patient_id: str) -> int:
+        """Cells in the patient's bag, from the files' shapes (no features read)."""
+        if patient_id in self._cached:
+            return self._cached[patient_id].n_cells
+        if patient_id not in self._n_cells:
+            self._n_cells[patient_id] = sum(int(read_bag_attrs(self.bags / f"{s.slide_id}.h5")["n_cells"])
+                                            for s in self.cohort.slides_of(patient_id))
+        return self._n_cells[patient_id]
+
+    def close(self) -> None:
+        """Close the open bag files (before forking loader workers; they open their own)."""
+        if self._pid == os.getpid():
+            for handle in self._files.values():
+                handle.close()
+        self._files.clear()
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, object]:
+        state = dict(self.__dict__)
+        state["_files"] = OrderedDict()  # a handle never travels to another process
+        return state
+
+    def _read(self, path: Path) -> Bag:
+        if self._pid != os.getpid():  # a forked worker: the parent's handles are not ours to use
+            self._files = OrderedDict()
+            self._pid = os.getpid()
+        handle = self._files.pop(path, None)
+        if handle is None:
+            handle = open_bag(path)
+            while len(self._files) >= self.max_open:
+                self._files.popitem(last=False)[1].close()
+        self._files[path] = handle
+        return read_open_bag(handle, path, thumbnails=False)
 
     def _load(self, patient_id: str) -> PatientBag:
         view_of = {v: i for i, v in enumerate(self.views)}
         parts = []
         slide_ids = []
         for i, slide in enumerate(self.cohort.slides_of(patient_id)):
-            bag = read_bag(self.bags / f"{slide.slide_id}.h5", thumbnails=False)
+            bag = self._read(self.bags / f"{slide.slide_id}.h5")
             if self.columns is not None:
                 bag.features = bag.features[:, self.columns]
             view = view_of.get(slide.view or "", 0) if len(self.views) > 1 else 0
@@ -185,6 +243,55 @@ class BagStore:
         )
 
 
+class BagSequence(Sequence[PatientBag]):
+    """Patient bags by position, loaded on access.
+
+    ``lengths``, ``labels``, ``times`` and ``events`` (``[P]`` each) are known without loading a bag.
+
+    Built by :meth:`BagStore.many`, or around bags already in memory by :func:`as_bags`.
+    """
+
+    def __init__(self, source: BagStore | Sequence[PatientBag], ids: Sequence[str] | None = None) -> None:
+        self._source = source
+        if isinstance(source, BagStore):
+            self.ids = list(ids or [])
+            self.lengths = np.array([source.n_cells(p) for p in self.ids], np.int64)
+            self.labels = np.asarray(source.cohort.labels(self.ids), np.int64).reshape(-1)
+            self.times, self.events = (np.asarray(a, np.float64).reshape(-1) for a in source.cohort.follow_up(self.ids))
+        else:
+            self.ids = [b.patient_id for b in source]
+            self.lengths = np.array([b.n_cells for b in source], np.int64)
+            self.labels = np.array([b.label for b in source], np.int64)
+            self.times = np.array([b.time for b in source], np.float64)
+            self.events = np.array([b.event for b in source], np.float64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, i: int) -> PatientBag: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[PatientBag]: ...
+
+    def __getitem__(self, i: int | slice) -> PatientBag | list[PatientBag]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if isinstance(self._source, BagStore):
+            return self._source.get(self.ids[i])
+        return self._source[i]
+
+    def close(self) -> None:
+        """Close open bag files (see :meth:`BagStore.close`)."""
+        if isinstance(self._source, BagStore):
+            self._source.close()
+
+
+def as_bags(bags: Sequence[PatientBag]) -> BagSequence:
+    """``bags`` as a :class:`BagSequence` (unchanged if it already is one)."""
+    return bags if isinstance(bags, BagSequence) else BagSequence(bags)
+
+
 @dataclass
 class Batch:
     """A padded batch. ``index[b, j]`` is the position of cell j in bag b (-1 = padding)."""
@@ -198,6 +305,12 @@ class Batch:
     index: np.ndarray      # [B, N]
     time: torch.Tensor     # [B] float32 follow-up, NaN = none
     event: torch.Tensor    # [B] float32 1 = event, 0 = censored, NaN = none
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies, so copies to the GPU can overlap compute (DataLoader ``pin_memory``)."""
+        return Batch(self.x.pin_memory(), self.mask.pin_memory(), self.cbc.pin_memory(), self.coords.pin_memory(),
+                     self.view.pin_memory(), self.y.pin_memory(), self.index, self.time.pin_memory(),
+                     self.event.pin_memory())
 
     def to(self, device: torch.device) -> Batch:
         move = {"non_blocking": device.type == "cuda"}
@@ -239,19 +352,22 @@ def collate(bags: Sequence[PatientBag], max_cells: int | None = None,
                  torch.tensor([bag.event for bag in bags], dtype=torch.float32))
 
 
-def bucketed_batches(bags: Sequence[PatientBag], batch_size: int, rng: np.random.Generator | None,
+def bucketed_batches(lengths: Sequence[int] | np.ndarray, batch_size: int, rng: np.random.Generator | None,
                      max_cells: int | None = None) -> Iterator[list[int]]:
     """Indices of bags grouped by similar length; shuffled when ``rng`` is given.
 
-    Bags are shuffled, cut into pools of 50 batches, sorted by length within a pool and
-    batched; the batches are then shuffled. Without ``rng`` the order is by length (evaluation).
+    ``lengths[i]`` is the number of cells of bag i. Bags are shuffled, cut into pools of 50
+    batches, sorted by length within a pool and batched; the batches are then shuffled. Without
+    ``rng`` the order is by length (evaluation).
     """
-    lengths = np.array([min(b.n_cells, max_cells or b.n_cells) for b in bags])
+    lengths = np.asarray(lengths)
+    if max_cells:
+        lengths = np.minimum(lengths, max_cells)
     if rng is None:
         order = np.argsort(lengths, kind="stable")
         yield from (order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size))
         return
-    order = rng.permutation(len(bags))
+    order = rng.permutation(len(lengths))
     pool = batch_size * 50
     batches = []
     for start in range(0, len(order), pool):
@@ -260,6 +376,75 @@ def bucketed_batches(bags: Sequence[PatientBag], batch_size: int, rng: np.random
         batches += [chunk[i:i + batch_size].tolist() for i in range(0, len(chunk), batch_size)]
     for i in rng.permutation(len(batches)):
         yield batches[i]
+
+
+@dataclass
+class EpochSampler:
+    """The training batches of one epoch for this rank, as ``(epoch, bag index)`` keys.
+
+    The same on every rank and in every loader worker: the shuffle is drawn from
+    ``(seed, epoch)``, then :func:`~milhema.train.distributed.shard` gives each rank its share.
+    Set :attr:`epoch` before iterating (like ``DistributedSampler.set_epoch``).
+    """
+
+    lengths: np.ndarray
+    batch_size: int
+    max_cells: int | None
+    seed: int
+    ranks: Ranks = field(default_factory=Ranks)
+    epoch: int = 0
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        batches = list(bucketed_batches(self.lengths, self.batch_size, rng, self.max_cells))
+        for batch in shard(batches, self.ranks):
+            yield [(self.epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        total = n_batches(len(self.lengths), self.batch_size)
+        return -(-total // self.ranks.world)
+
+
+class TrainingBags(torch.utils.data.Dataset):
+    """Bag ``i`` at ``epoch``, subsampled to ``max_cells`` cells by a generator keyed by
+    ``(seed, epoch, i)``: the same cells whichever worker or rank loads it."""
+
+    def __init__(self, bags: Sequence[PatientBag], max_cells: int | None, seed: int) -> None:
+        self.bags = bags
+        self.max_cells = max_cells
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, key: tuple[int, int]) -> PatientBag:
+        epoch, i = key
+        bag = self.bags[i]
+        if self.max_cells is None or bag.n_cells <= self.max_cells:
+            return bag
+        rng = np.random.default_rng([self.seed, epoch, i])
+        return bag.cells(np.sort(rng.choice(bag.n_cells, self.max_cells, replace=False)))
+
+
+def training_loader(bags: Sequence[PatientBag], batch_size: int, max_cells: int | None, seed: int, *,
+                    ranks: Ranks | None = None, workers: int = 0,
+                    pin_memory: bool = False) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
+    """Batches of subsampled training bags, read by ``workers`` processes (0 = this process).
+
+    Returns the loader and its sampler; set ``sampler.epoch`` before each epoch. Workers stay
+    alive across epochs, so each opens a bag file at most once.
+    """
+    seq = as_bags(bags)
+    sampler = EpochSampler(seq.lengths, batch_size, max_cells, seed, ranks or Ranks())
+    if workers > 0:
+        seq.close()
+    # The loader's own generator: drawing its worker seeds from the global one would shift dropout
+    # and make runs with and without workers differ.
+    loader = torch.utils.data.DataLoader(TrainingBags(seq, max_cells, seed), batch_sampler=sampler,
+                                         collate_fn=collate, num_workers=workers,
+                                         persistent_workers=workers > 0, pin_memory=pin_memory,
+                                         generator=torch.Generator().manual_seed(seed))
+    return loader, sampler
 
 
 def n_batches(n: int, batch_size: int) -> int:

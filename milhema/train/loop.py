@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 from tqdm.auto import tqdm
 
-from milhema.train.data import PatientBag, bucketed_batches, collate
+from milhema.train import distributed
+from milhema.train.data import PatientBag, as_bags, bucketed_batches, collate, training_loader
+from milhema.train.distributed import Ranks
 from milhema.train.model import PatientModel
 from milhema.train.survival import concordance
 
@@ -93,21 +95,28 @@ def _schedule(total: int, warmup: int) -> Callable[[int], float]:
 
 def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientBag], config: Mapping[str, Any], *,
         device: torch.device, log: Callable[[dict[str, Any]], None] | None = None,
-        progress: bool = False, desc: str = "train") -> list[dict[str, Any]]:
+        progress: bool = False, desc: str = "train", ranks: Ranks | None = None) -> list[dict[str, Any]]:
     """Train ``model`` in place; on return it holds the weights of the best validation epoch.
+
+    Under ``torchrun`` (``ranks`` of several processes) each rank steps through its share of the
+    batches of ``train.batch_size`` bags, DDP averages the gradients, and validation is gathered
+    so that every rank stops at the same epoch.
 
     Returns the per-epoch history (train/validation loss, validation balanced accuracy and
     c-index where they apply, lr).
     """
     t = config["train"]
+    ranks = ranks or Ranks()
     n_classes = len(config["data"]["classes"])
-    rng = np.random.default_rng(t["seed"])
     torch.manual_seed(t["seed"])
     model.to(device)
-    weights = class_weights(np.array([b.label for b in train]), n_classes).to(device) if config["loss"][
-        "class_weights"] else None
+    train = as_bags(train)
+    weights = class_weights(train.labels, n_classes).to(device) if config["loss"]["class_weights"] else None
+    loader, sampler = training_loader(train, t["batch_size"], config["data"]["max_cells"], t["seed"], ranks=ranks,
+                                      workers=config["data"]["workers"], pin_memory=device.type == "cuda")
+    net = distributed.wrap(model, ranks, device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
-    steps = math.ceil(len(train) / t["batch_size"])
+    steps = len(sampler)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimiser, _schedule(steps * t["epochs"], steps * t["warmup_epochs"]))
     use_amp = bool(t["amp"]) and device.type == "cuda"
@@ -118,11 +127,12 @@ def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientB
     bar = tqdm(range(t["epochs"]), desc=desc, unit="epoch", disable=None if progress else True, leave=False)
     for epoch in bar:
         model.train()
+        sampler.epoch = epoch
         total, seen = 0.0, 0
-        for idx in bucketed_batches(train, t["batch_size"], rng, config["data"]["max_cells"]):
-            batch = collate([train[i] for i in idx], config["data"]["max_cells"], rng).to(device)
+        for cpu_batch in loader:
+            batch = cpu_batch.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = model(batch)
+                out = net(batch)
                 loss = task_loss(model, out, batch.y, batch.time, batch.event, weights, cls_w, surv_w)
                 if triplet > 0 and bool((batch.y >= 0).all()):
                     loss = loss + triplet * batch_hard_triplet(out.embedding.float(), batch.y)
@@ -131,9 +141,11 @@ def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientB
             torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
             optimiser.step()
             scheduler.step()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-        scores = evaluate(model, val, config, device=device, weights=weights)
+            total += float(loss.detach()) * len(batch.y)
+            seen += len(batch.y)
+        if ranks.active:  # the mean training loss over all ranks' batches
+            total, seen = map(sum, zip(*distributed.gather((total, seen), ranks), strict=True))
+        scores = evaluate(model, val, config, device=device, weights=weights, ranks=ranks)
         val_loss = scores["val_loss"]
         record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), **scores, "lr": scheduler.get_last_lr()[0]}
         history.append(record)
@@ -152,16 +164,18 @@ def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientB
 
 @torch.no_grad()
 def evaluate(model: PatientModel, bags: Sequence[PatientBag], config: Mapping[str, Any], *, device: torch.device,
-             weights: torch.Tensor | None = None) -> dict[str, float]:
+             weights: torch.Tensor | None = None, ranks: Ranks | None = None) -> dict[str, float]:
     """Validation loss (the training objective on whole bags), balanced accuracy and c-index where
     they apply: ``{"val_loss", "val_balanced_accuracy"?, "val_c_index"?}``."""
     cls_w, surv_w = task_weights(config, model)
     if not bags:
         return {"val_loss": math.nan}
-    pred = predict(model, bags, config["train"]["batch_size"], device=device, amp=bool(config["train"]["amp"]))
-    y = torch.tensor([b.label for b in bags])
-    time = torch.tensor([b.time for b in bags], dtype=torch.float32)
-    event = torch.tensor([b.event for b in bags], dtype=torch.float32)
+    bags = as_bags(bags)
+    pred = predict(model, bags, config["train"]["batch_size"], device=device, amp=bool(config["train"]["amp"]),
+                   ranks=ranks)
+    y = torch.from_numpy(bags.labels)
+    time = torch.from_numpy(bags.times).float()
+    event = torch.from_numpy(bags.events).float()
     loss = torch.zeros(())
     scores: dict[str, float] = {}
     labelled = y >= 0
@@ -182,31 +196,39 @@ def evaluate(model: PatientModel, bags: Sequence[PatientBag], config: Mapping[st
 
 @torch.no_grad()
 def predict(model: PatientModel, bags: Sequence[PatientBag], batch_size: int, *, device: torch.device,
-            amp: bool = True) -> Prediction:
-    """Class probabilities and per-cell scores of whole bags (no subsampling)."""
+            amp: bool = True, ranks: Ranks | None = None) -> Prediction:
+    """Class probabilities and per-cell scores of whole bags (no subsampling).
+
+    With ``ranks`` of several processes each rank predicts every ``world``-th batch and the
+    results are gathered, so every rank returns the full :class:`Prediction`.
+    """
+    ranks = ranks or Ranks()
     model.eval().to(device)
-    n_classes = model.mil.n_classes
-    probs = np.zeros((len(bags), n_classes), np.float64)
-    cells: list[np.ndarray] = [np.zeros(0)] * len(bags)
-    per_class: list[np.ndarray | None] = [None] * len(bags)
+    bags = as_bags(bags)
     head = model.survival
-    risk = np.full(len(bags), np.nan)
-    raw = None if head is None else np.zeros((len(bags), head.linear.out_features), np.float64)
     use_amp = amp and device.type == "cuda"
-    for idx in bucketed_batches(bags, batch_size, None):
+    mine: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None, float, np.ndarray | None]] = {}
+    for idx in distributed.shard_eval(list(bucketed_batches(bags.lengths, batch_size, None)), ranks):
         batch = collate([bags[i] for i in idx]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = model(batch)
         p = torch.softmax(out.logits.float(), dim=1).cpu().numpy()
         scores = out.cell_scores.float().cpu().numpy()
         cls = out.class_cell_scores.float().cpu().numpy() if out.class_cell_scores is not None else None
-        if head is not None and raw is not None:
-            surv = out.survival.float()
-            raw[idx] = surv.cpu().numpy()
-            risk[idx] = head.risk(surv).cpu().numpy()
+        surv = out.survival.float() if head is not None else None
+        raw = surv.cpu().numpy() if surv is not None else None
+        risk = head.risk(surv).cpu().numpy() if head is not None and surv is not None else None
         for row, i in enumerate(idx):
-            n = bags[i].n_cells
-            probs[i] = p[row]
-            cells[i] = scores[row, :n]
-            per_class[i] = cls[row, :n] if cls is not None else None
-    return Prediction(probs, cells, per_class, risk, raw)
+            n = int(bags.lengths[i])
+            mine[i] = (p[row], scores[row, :n], None if cls is None else cls[row, :n],
+                       math.nan if risk is None else float(risk[row]), None if raw is None else raw[row])
+    results: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None, float, np.ndarray | None]] = {}
+    for part in distributed.gather(mine, ranks):
+        results |= part
+    n_classes = model.mil.n_classes
+    order = range(len(bags))
+    probs = np.array([results[i][0] for i in order], np.float64).reshape(len(bags), n_classes)
+    raw_out = (None if head is None else
+               np.array([results[i][4] for i in order], np.float64).reshape(len(bags), head.linear.out_features))
+    return Prediction(probs, [results[i][1] for i in order], [results[i][2] for i in order],
+                      np.array([results[i][3] for i in order], np.float64), raw_out)

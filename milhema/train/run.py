@@ -7,8 +7,10 @@ never looks finished.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,13 @@ from milhema.config import dump_config
 from milhema.data.manifest import Cohort
 from milhema.device import resolve_device
 from milhema.errors import MilhemaError
-from milhema.io import atomic_folder
+from milhema.io import atomic_folder, check_free
 from milhema.tracking import Tracker, start_tracker
+from milhema.train import distributed
 from milhema.train.baseline import cbc_design, cross_val_proba, patient_folds
 from milhema.train.checkpoint import save_checkpoint
 from milhema.train.data import BagInfo, BagStore, PatientBag, inspect_bags, resolve_views
+from milhema.train.distributed import Ranks
 from milhema.train.loop import Prediction, fit, predict
 from milhema.train.metrics import classification_metrics, summarise_repeats
 from milhema.train.model import PatientModel, build_model, model_spec
@@ -67,34 +71,60 @@ def inner_split(ids: Sequence[str], y: np.ndarray, fraction: float, seed: int) -
 
 def train_model(config: Mapping[str, Any], store: BagStore, spec: Mapping[str, Any], train_ids: Sequence[str],
                 val_ids: Sequence[str], device: torch.device, log: Callable[[dict[str, Any]], None] | None,
-                progress: bool, desc: str) -> tuple[PatientModel, list[dict[str, Any]]]:
+                progress: bool, desc: str, ranks: Ranks | None = None) -> tuple[PatientModel, list[dict[str, Any]]]:
     """Fit preprocessing on the training patients, then train with early stopping on ``val_ids``."""
     train_bags, val_bags = store.many(train_ids), store.many(val_ids)
     if spec.get("survival") and spec["survival"]["kind"] == "discrete":
         # Bins from the training patients only; stored in the spec, so the checkpoint rebuilds them.
-        edges = time_bin_edges(np.array([b.time for b in train_bags]), np.array([b.event for b in train_bags]),
-                               spec["survival"]["bins"])
+        edges = time_bin_edges(train_bags.times, train_bags.events, spec["survival"]["bins"])
         spec = {**spec, "survival": {**spec["survival"], "edges": edges}}
     torch.manual_seed(config["train"]["seed"])  # initial weights: same seed, same run
     model = build_model(spec)
     model.feature_norm.fit(b.features for b in train_bags)
     if model.cbc_encoder is not None:
         model.cbc_encoder.fit(np.stack([b.cbc for b in train_bags]))
-    history = fit(model, train_bags, val_bags, config, device=device, log=log, progress=progress, desc=desc)
+    history = fit(model, train_bags, val_bags, config, device=device, log=log, progress=progress, desc=desc,
+                  ranks=ranks)
     return model, history
 
 
 def predict_patients(model: PatientModel, bags: Sequence[PatientBag], batch_size: int, device: torch.device,
-                     amp: bool) -> FoldResult:
+                     amp: bool, ranks: Ranks | None = None) -> FoldResult:
     """Patient-bag and single-slide predictions of ``bags``."""
     slides = [(bag, i) for bag in bags for i in range(len(bag.slide_ids))]
     return FoldResult(
         patient_ids=[b.patient_id for b in bags],
-        patient=predict(model, bags, batch_size, device=device, amp=amp),
+        patient=predict(model, bags, batch_size, device=device, amp=amp, ranks=ranks),
         slide_ids=[bag.slide_ids[i] for bag, i in slides],
         slide_patient=[bag.patient_id for bag, _ in slides],
-        slide=predict(model, [bag.slide(i) for bag, i in slides], batch_size, device=device, amp=amp),
+        slide=predict(model, [bag.slide(i) for bag, i in slides], batch_size, device=device, amp=amp, ranks=ranks),
     )
+
+
+def _start(config: Mapping[str, Any]) -> tuple[torch.device, Ranks]:
+    """The training device and, under torchrun, this process's place in the process group."""
+    device = resolve_device(config["train"]["device"])
+    ranks = distributed.init_from_env(device)
+    return distributed.rank_device(device, ranks), ranks
+
+
+@contextmanager
+def _run_outputs(config: Mapping[str, Any], out: Path, overwrite: bool, job_type: str,
+                 ranks: Ranks) -> Iterator[tuple[Path, Tracker]]:
+    """The folder this process writes the run into, and its tracker.
+
+    Rank 0 builds the real run folder (renamed into place when complete) and the W&B run. The
+    other ranks of a torchrun job compute the same results in lockstep and write them into a
+    scratch folder that is deleted, so a run has exactly one folder and one W&B run.
+    """
+    if ranks.is_main:
+        with (atomic_folder(out, overwrite=overwrite, what="run folder") as tmp,
+              start_tracker(config, tmp, name=out.name, job_type=job_type, final_folder=out) as tracker):
+            yield tmp, tracker
+    else:
+        check_free(out, overwrite=overwrite, what="run folder")  # every rank refuses, none waits forever
+        with tempfile.TemporaryDirectory(prefix=f"milhema-rank{ranks.rank}-") as scratch:
+            yield Path(scratch), Tracker()
 
 
 def _prepare(config: Mapping[str, Any], cohort: Cohort, bags: Path) -> tuple[BagStore, BagInfo, dict[str, Any], list[str]]:
@@ -196,13 +226,13 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
     time_, event = cohort.follow_up(ids)
     # Folds are stratified by label; for survival alone, by event (censored patients as one group).
     strata = y if classify else _event_strata(event, folds)
-    device = resolve_device(config["train"]["device"])
+    device, ranks = _start(config)
+    progress = progress and ranks.is_main
     t = config["train"]
     started = time.perf_counter()
     classes = cohort.classes
     # The W&B run is closed (its files complete) before the folder gets its final name.
-    with (atomic_folder(out, overwrite=overwrite, what="run folder") as tmp,
-          start_tracker(config, tmp, name=out.name, job_type="cv", final_folder=out) as tracker):
+    with _run_outputs(config, out, overwrite, "cv", ranks) as (tmp, tracker):
         (tmp / "config.yaml").write_text(dump_config(config), encoding="utf-8")
         patient_probs = np.zeros((repeats, len(ids), len(classes)))
         cbc_probs = np.zeros((repeats, len(ids), len(classes)))
@@ -227,12 +257,12 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
                     raise MilhemaError("internal check failed: a test patient is also in training")  # never expected
                 log = _history_writer(tmp / "history.jsonl", tracker, f"r{r}_f{k}", repeat=r, fold=k)
                 model, _ = train_model(config, store, spec, inner_train, val, device, log, progress,
-                                       desc=f"repeat {r} fold {k}")
+                                       desc=f"repeat {r} fold {k}", ranks=ranks)
                 save_checkpoint(tmp / "checkpoints" / f"r{r}_f{k}", model, model.spec,
                                 {"bags": _bag_meta(info), "repeat": r, "fold": k, "test_patients": test_ids,
                                  "train_patients": inner_train, "val_patients": val})
                 test_bags = store.many(test_ids)
-                result = predict_patients(model, test_bags, t["batch_size"], device, t["amp"])
+                result = predict_patients(model, test_bags, t["batch_size"], device, t["amp"], ranks)
                 for j, pid in enumerate(result.patient_ids):
                     patient_probs[r, position[pid]] = result.patient.probs[j]
                     fold_of[r, position[pid]] = k
@@ -284,7 +314,7 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
             metrics["survival"] = _survival_metrics(time_, event, patient_risk, cbc_risk, tmp, t["seed"])
         metrics |= {
             "n_patients": len(ids), "n_slides": len({rec[0] for rec in slide_records}), "folds": folds, "repeats": repeats,
-            "backbone": info.backbone, "feature_dim": info.feature_dim,
+            "backbone": info.backbone, "feature_dim": info.feature_dim, "processes": ranks.world,
             "wall_time_s": round(time.perf_counter() - started, 1),
         }
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
@@ -328,22 +358,23 @@ def run_train(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: 
     time_, event = cohort.follow_up(ids)
     strata = y if "classification" in tasks else _event_strata(event, 2)
     t = config["train"]
-    device = resolve_device(t["device"])
-    with (atomic_folder(out, overwrite=overwrite, what="run folder") as tmp,
-          start_tracker(config, tmp, name=out.name, job_type="train", final_folder=out) as tracker):
+    device, ranks = _start(config)
+    progress = progress and ranks.is_main
+    with _run_outputs(config, out, overwrite, "train", ranks) as (tmp, tracker):
         (tmp / "config.yaml").write_text(dump_config(config), encoding="utf-8")
         train_ids, val_ids = inner_split(ids, strata, t["val_fraction"], t["seed"])
         model, history = train_model(config, store, spec, train_ids, val_ids, device,
                                      _history_writer(tmp / "history.jsonl", tracker), progress,
-                                     desc=f"train {spec['model']}")
+                                     desc=f"train {spec['model']}", ranks=ranks)
         save_checkpoint(tmp / "checkpoints" / "model", model, model.spec,
                         {"bags": _bag_meta(info), "test_patients": [], "train_patients": train_ids,
                          "val_patients": val_ids})
-        val = predict(model, store.many(val_ids), t["batch_size"], device=device, amp=t["amp"])
+        val = predict(model, store.many(val_ids), t["batch_size"], device=device, amp=t["amp"], ranks=ranks)
         metrics = {"task": tasks[0] if len(tasks) == 1 else list(tasks), "classes": cohort.classes,
                    "model": spec["model"], "fusion": spec["fusion"],
                    "n_patients": len(ids), "n_train": len(train_ids), "n_val": len(val_ids),
-                   "epochs_run": len(history), "backbone": info.backbone, "feature_dim": info.feature_dim}
+                   "epochs_run": len(history), "backbone": info.backbone, "feature_dim": info.feature_dim,
+                   "processes": ranks.world}
         if "classification" in tasks:
             metrics["validation"] = classification_metrics(cohort.labels(val_ids), val.probs, cohort.classes)
         if "survival" in tasks and val.risk is not None:
