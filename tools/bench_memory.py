@@ -32,12 +32,12 @@ CLASSES = ("a", "b", "c", "d")
 def write_cohort(root: Path, patients: int, cells: int, dim: int, seed: int = 0) -> tuple[Path, Path, float]:
     """The cohort folder, the bag folder and the bags' size in GB; bags already written are kept."""
     cohort, bags = root / "cohort", root / "bags"
-    cohort.mkdir(parents=True, exist_ok=True)
+    (cohort / "no_images").mkdir(parents=True, exist_ok=True)  # slides.csv needs an existing source
     rows, slides = ["patient_id,label"], ["slide_id,patient_id,source"]
     for i in tqdm(range(patients), desc="bags", unit="bag"):
         pid, label = f"P{i:05d}", i % len(CLASSES)
         rows.append(f"{pid},{CLASSES[label]}")
-        slides.append(f"{pid}_S0,{pid},none")
+        slides.append(f"{pid}_S0,{pid},no_images")
         path = bags / f"{pid}_S0.h5"
         if path.exists():
             continue

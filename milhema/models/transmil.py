@@ -26,12 +26,18 @@ class _Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, padding: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """``x [B, L, H]``, ``padding [B, L]`` (True = ignore) -> ``x'``, head-averaged attention ``[B, L, L]``."""
+    def forward(self, x: Tensor, padding: Tensor, queries: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """``x [B, L, H]``, ``padding [B, L]`` (True = ignore) -> ``x' [B, Q, H]``, attention.
+
+        With ``queries=None`` every token attends (Q = L, no weights returned). With ``queries=q``
+        only the first q tokens are updated and their head-averaged attention ``[B, q, L]`` is
+        returned: the last layer needs only the class token, so it costs O(L) instead of O(L²).
+        """
         y = self.norm1(x)
-        out, weights = self.attn(y, y, y, key_padding_mask=padding, need_weights=need_weights,
+        q = y if queries is None else y[:, :queries]
+        out, weights = self.attn(q, y, y, key_padding_mask=padding, need_weights=queries is not None,
                                  average_attn_weights=True)
-        x = x + self.drop(out)
+        x = (x if queries is None else x[:, :queries]) + self.drop(out)
         return x + self.drop(self.mlp(self.norm2(x))), weights
 
 
@@ -72,9 +78,11 @@ class TransMIL(MILModel):
         seq = torch.cat([cls.to(h.dtype), h], dim=1)                              # [B, 1 + N, H]
         # The class token is never padding, so no attention row is fully masked (no NaN for empty bags).
         padding = torch.cat([mask.new_zeros(mask.shape[0], 1), ~mask], dim=1)
-        weights = None
-        for i, block in enumerate(self.blocks):
-            seq, weights = block(seq, padding, need_weights=i == len(self.blocks) - 1)
+        for block in self.blocks[:-1]:
+            seq, _ = block(seq, padding)
+        # Only the class token is read out of the last layer.
+        seq, weights = self.blocks[-1](seq, padding, queries=1)
+        assert weights is not None
         emb = self.fusion.bag(self.norm(seq[:, 0]), cbc)
         scores = normalize_scores(weights[:, 0, 1:], mask)
         return MILOutput(logits=self.head(emb), cell_scores=scores, embedding=emb)
