@@ -152,7 +152,7 @@ def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientB
         if log is not None:
             log(record)
         bar.set_postfix(train=f"{record['train_loss']:.3f}", val=f"{val_loss:.3f}")
-        if val_loss < best_loss - 1e-4:
+        if not len(val) or val_loss < best_loss - 1e-4:  # without validation the last epoch is kept
             best_loss, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
         else:
             stale += 1
