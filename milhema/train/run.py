@@ -22,7 +22,7 @@ from milhema.config import dump_config
 from milhema.data.manifest import Cohort
 from milhema.device import resolve_device
 from milhema.errors import MilhemaError
-from milhema.io import atomic_folder
+from milhema.io import atomic_folder, check_new_folder
 from milhema.tracking import Tracker, start_tracker
 from milhema.train.baseline import cbc_design, cross_val_proba, patient_folds
 from milhema.train.checkpoint import save_checkpoint
@@ -36,6 +36,15 @@ from milhema.train.outputs import (
     rank_percentiles,
     write_cell_scores,
     write_csv,
+)
+from milhema.train.resume import (
+    RUN_HINT,
+    CvProgress,
+    FoldSplit,
+    check_start,
+    cohort_fingerprint,
+    has_finished_folds,
+    run_state,
 )
 from milhema.train.survival import (
     cbc_cox_risk,
@@ -183,10 +192,29 @@ def _history_writer(path: Path, tracker: Tracker, prefix: str = "", **keys: Any)
     return log
 
 
+def _reuse_fold(progress: CvProgress, split: FoldSplit, checkpoint: Path, tracker: Tracker) -> PatientModel | None:
+    """The model of a fold the interrupted run finished; its epochs go to the (new) tracker run again."""
+    found = progress.reuse(split, checkpoint)
+    if found is None:
+        return None
+    model, history = found
+    for record in history:
+        tracker.log_epoch({k: v for k, v in record.items() if k not in ("repeat", "fold")}, split.name)
+    return model
+
+
 def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str | Path, *, overwrite: bool = False,
-           progress: bool = True) -> dict[str, Any]:
-    """Patient-grouped, label-stratified K-fold cross-validation, repeated ``cv.repeats`` times."""
+           resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Patient-grouped, label-stratified K-fold cross-validation, repeated ``cv.repeats`` times.
+
+    ``resume`` continues an interrupted run into ``out`` from its finished folds
+    (:mod:`milhema.train.resume`), or returns the metrics of ``out`` if it is already complete.
+    """
     bags, out = Path(bags), Path(out)
+    finished = check_start(out, config, resume=resume, overwrite=overwrite)
+    if finished is not None:
+        return finished
+    resuming = resume and run_state(out)[0] == "interrupted"
     folds, repeats = config["cv"]["folds"], config["cv"]["repeats"]
     store, info, spec, ids = _prepare(config, cohort, bags)
     y = cohort.labels(ids)
@@ -201,7 +229,10 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
     started = time.perf_counter()
     classes = cohort.classes
     # The W&B run is closed (its files complete) before the folder gets its final name.
-    with (atomic_folder(out, overwrite=overwrite, what="run folder") as tmp,
+    # An interrupted run beside a finished one was started with --overwrite: it replaces it.
+    with (atomic_folder(out, overwrite=overwrite or resuming, what="run folder", hint=RUN_HINT,
+                        reuse_partial=resuming, keep_partial=has_finished_folds) as tmp,
+          CvProgress.open(tmp, config, cohort_fingerprint(cohort, ids, bags, info), resume=resuming) as folds_done,
           start_tracker(config, tmp, name=out.name, job_type="cv", final_folder=out) as tracker):
         (tmp / "config.yaml").write_text(dump_config(config), encoding="utf-8")
         patient_probs = np.zeros((repeats, len(ids), len(classes)))
@@ -225,12 +256,16 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
                 inner_train, val = inner_split(train_ids, strata[train_idx], t["val_fraction"], t["seed"] + r)
                 if set(test_ids) & (set(inner_train) | set(val)):
                     raise MilhemaError("internal check failed: a test patient is also in training")  # never expected
-                log = _history_writer(tmp / "history.jsonl", tracker, f"r{r}_f{k}", repeat=r, fold=k)
-                model, _ = train_model(config, store, spec, inner_train, val, device, log, progress,
-                                       desc=f"repeat {r} fold {k}")
-                save_checkpoint(tmp / "checkpoints" / f"r{r}_f{k}", model, model.spec,
-                                {"bags": _bag_meta(info), "repeat": r, "fold": k, "test_patients": test_ids,
-                                 "train_patients": inner_train, "val_patients": val})
+                split = FoldSplit(r, k, test_ids, inner_train, val)
+                model = _reuse_fold(folds_done, split, tmp / "checkpoints" / split.name, tracker)
+                if model is None:
+                    log = _history_writer(folds_done.begin(split), tracker, split.name, repeat=r, fold=k)
+                    model, _ = train_model(config, store, spec, inner_train, val, device, log, progress,
+                                           desc=f"repeat {r} fold {k}")
+                    save_checkpoint(tmp / "checkpoints" / split.name, model, model.spec,
+                                    {"bags": _bag_meta(info), "repeat": r, "fold": k, "test_patients": test_ids,
+                                     "train_patients": inner_train, "val_patients": val})
+                    folds_done.finish(split)
                 test_bags = store.many(test_ids)
                 result = predict_patients(model, test_bags, t["batch_size"], device, t["amp"])
                 for j, pid in enumerate(result.patient_ids):
@@ -322,6 +357,7 @@ def run_train(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: 
               overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """One model on all labelled patients, early-stopped on an inner validation split."""
     bags, out = Path(bags), Path(out)
+    check_new_folder(out, overwrite=overwrite, what="run folder")
     store, info, spec, ids = _prepare(config, cohort, bags)
     tasks = config["loss"]["task"]
     y = cohort.labels(ids)
