@@ -143,10 +143,12 @@ def test_killed_cv_resumes_from_its_finished_fold(interrupted_cv: Path, straight
     assert sorted(p.parent.name for p in partial.glob("folds/*/done.json")) == ["r0_f0"]
     kept = partial / "checkpoints" / "r0_f0.safetensors"
     stamp, weights = kept.stat().st_mtime_ns, load_file(str(kept))
+    (partial / ".metrics.json.tmp").write_text("{")  # a file the killed run was writing
     code, stdout, stderr = _run_cli(capsys, *cv_args, "--out", str(out), "--resume")
     assert code == 0, stderr
     assert "resuming the interrupted run" in stdout and "1 finished fold(s) found" in stdout
     assert not partial.exists() and not (out / "folds").exists() and not (out / "resume.json").exists()
+    assert not list(out.rglob(".*.tmp"))
     reused = out / "checkpoints" / "r0_f0.safetensors"
     assert reused.stat().st_mtime_ns == stamp  # the finished fold was not trained again
     assert load_file(str(reused)).keys() == weights.keys()
@@ -164,6 +166,16 @@ def test_killed_cv_resumes_from_its_finished_fold(interrupted_cv: Path, straight
     assert list(wandb_run.glob("run-*.wandb"))
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert {(h["repeat"], h["fold"]) for h in history} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+
+
+def test_a_finished_fold_that_lost_its_checkpoint_is_trained_again(interrupted_cv: Path, straight_cv: Path,
+                                                                  cv_args: list[str], tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = _copy_interrupted(interrupted_cv, tmp_path)
+    (partial_folder(out) / "checkpoints" / "r0_f0.safetensors").unlink()
+    code, _, stderr = _run_cli(capsys, *cv_args, "--out", str(out), "--resume")
+    assert code == 0, stderr
+    assert (out / "predictions.csv").read_bytes() == (straight_cv / "predictions.csv").read_bytes()
 
 
 def test_interrupted_cv_needs_resume_or_overwrite(interrupted_cv: Path, cv_args: list[str], tmp_path: Path,

@@ -163,17 +163,8 @@ class CvProgress:
         fingerprint = {"config": config_fingerprint(config), "cohort": cohort_hash}
         path = folder / PROGRESS_FILE
         if resume and path.is_file():
-            before = json.loads(path.read_text(encoding="utf-8"))
-            if before.get("config") != fingerprint["config"]:
-                _check_same_config(folder / "config.yaml", config, "cannot resume the interrupted run")
-                raise ResumeError(f"cannot resume the interrupted run in {folder}: its config differs; "
-                                  "pass the same config or --overwrite to start again")
-            if before.get("cohort") != fingerprint["cohort"]:
-                raise ResumeError(f"cannot resume the interrupted run in {folder}: the cohort or its bags changed "
-                                  "since (patients, labels, CBC values, slides or bag files differ); pass the "
-                                  "same cohort and bags or --overwrite to start again")
-            # The killed process's W&B run stopped mid-fold; the new run replays the finished folds.
-            shutil.rmtree(folder / "wandb", ignore_errors=True)
+            _check_fingerprint(folder, fingerprint, config)
+            _clear_leftovers(folder)
         else:
             # A folder without a fingerprint has nothing reusable: clear what a crash left.
             shutil.rmtree(folder / FOLDS_DIR, ignore_errors=True)
@@ -230,6 +221,30 @@ class CvProgress:
         write_text(self.folder / "history.jsonl", text)
         shutil.rmtree(self.folder / FOLDS_DIR)
         (self.folder / PROGRESS_FILE).unlink()
+
+
+def _check_fingerprint(folder: Path, fingerprint: Mapping[str, str], config: Mapping[str, Any]) -> None:
+    try:
+        before = json.loads((folder / PROGRESS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ResumeError(f"cannot resume the interrupted run in {folder}: its {PROGRESS_FILE} is unreadable; "
+                          "pass --overwrite to start again") from exc
+    if before.get("config") != fingerprint["config"]:
+        _check_same_config(folder / "config.yaml", config, "cannot resume the interrupted run")
+        raise ResumeError(f"cannot resume the interrupted run in {folder}: its config differs; "
+                          "pass the same config or --overwrite to start again")
+    if before.get("cohort") != fingerprint["cohort"]:
+        raise ResumeError(f"cannot resume the interrupted run in {folder}: the cohort or its bags changed "
+                          "since (patients, labels, CBC values, slides or bag files differ); pass the "
+                          "same cohort and bags or --overwrite to start again")
+
+
+def _clear_leftovers(folder: Path) -> None:
+    """What the killed process was writing: its W&B run (the new run replays the finished folds'
+    epochs) and temporary files that were never renamed."""
+    shutil.rmtree(folder / "wandb", ignore_errors=True)
+    for stale in folder.rglob(".*.tmp"):
+        stale.unlink()
 
 
 def _done_files(partial: Path) -> Iterator[Path]:
