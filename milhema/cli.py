@@ -90,8 +90,11 @@ def _cv(args: argparse.Namespace) -> int:
     extra = [f"cv.folds={args.folds}"] if args.folds else []
     extra += [f"cv.repeats={args.repeats}"] if args.repeats else []
     config, cohort = _load_for_training(args, extra)
+    if args.resume and distributed.launched_rank() == 0:
+        _print_resume_state(args.out)
     with distributed.job():
-        m = run_cv(config, cohort, args.bags, args.out, overwrite=args.overwrite, progress=not args.quiet)
+        m = run_cv(config, cohort, args.bags, args.out, overwrite=args.overwrite, resume=args.resume,
+                   progress=not args.quiet)
     if distributed.launched_rank() != 0:  # under torchrun, rank 0 reports
         return 0
     print(f"{m['model']} + CBC fusion '{m['fusion']}', {m['folds']}-fold cv x {m['repeats']}, {m['n_patients']} patients")
@@ -106,6 +109,16 @@ def _cv(args: argparse.Namespace) -> int:
     print(f"run in {args.out}")
     _print_sync_hint(args.out)
     return 0
+
+
+def _print_resume_state(out: Path) -> None:
+    from milhema.train.resume import run_state
+
+    state, finished = run_state(out)
+    if state == "complete":
+        print(f"{out} is already a complete run: nothing to resume")
+    elif state == "interrupted":
+        print(f"resuming the interrupted run of {out}: {finished} finished fold(s) found")
 
 
 def _print_sync_hint(run: Path) -> None:
@@ -216,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "cv":
             p.add_argument("--folds", type=_positive_int, default=None, help="K (default: cv.folds = 5)")
             p.add_argument("--repeats", type=_positive_int, default=None, help="R (default: cv.repeats = 1)")
+            p.add_argument("--resume", action="store_true",
+                           help="continue an interrupted run into --out from its finished folds (same config "
+                                "and cohort); a complete run is left as it is")
         p.set_defaults(func=_cv if name == "cv" else _train)
 
     p = sub.add_parser("predict", parents=[common], help="predictions and per-cell scores from a train or cv run")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import struct
@@ -20,7 +21,7 @@ import yaml
 
 from milhema.bags import write_bag
 from milhema.cli import build_parser, main
-from milhema.config import DEFAULTS, load_config
+from milhema.config import DEFAULTS, dump_config, load_config
 from milhema.data import load_cohort
 from milhema.errors import ConfigError, TrackingError, TrackingWarning
 from milhema.privacy import Pseudonymizer, load_or_create_salt, salt_path
@@ -178,6 +179,29 @@ def test_no_raw_identifier_reaches_wandb(tracked_cv, cohort) -> None:
     (table,) = (run["dir"] / "files" / "media" / "table").glob("predictions_*.table.json")
     logged = {row[0] for row in json.loads(table.read_text())["data"]}
     assert logged == {pseudonym(p) for p in ids if "-" not in p}
+
+
+def test_cv_needs_no_network_and_no_identifier_reaches_its_output(cohort, tmp_path: Path, no_network: list[str],
+                                                                  capsys, caplog) -> None:
+    """``milhema cv`` with offline tracking and every outside connection blocked: it completes, W&B
+    works, and no raw patient or slide id is in what it printed or logged, its history or its W&B files."""
+    config = tmp_path / "config.yaml"
+    config.write_text(dump_config(_config(tmp_path)))
+    out = tmp_path / "cv"
+    caplog.set_level(logging.INFO)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrackingWarning)  # tracking must work without the network
+        code = main(["cv", "--config", str(config), "--cohort", str(cohort[0]), "--bags", str(cohort[1]),
+                     "--out", str(out), "-q"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert no_network == []  # nothing even tried to connect or look a name up
+    assert read_run(out)["summary"]["n_patients"] == 8  # waits until W&B has written everything
+    ids = cohort[2]
+    said = printed.out + printed.err + "\n".join(record.getMessage() for record in caplog.records)
+    assert [i for i in ids if i in said] == []
+    assert raw_hits(out / "wandb", ids) == []
+    assert [i for i in ids if i in (out / "history.jsonl").read_text()] == []
 
 
 def test_offline_run_can_be_synced_after_the_rename(tracked_cv) -> None:

@@ -114,10 +114,13 @@ def _load_weights(model: torch.nn.Module, path: Path, name: str) -> str:
             raise EmbedError(f"weights {path.name}: not a readable safetensors file ({exc})") from exc
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # weights_only refuses pickled code with UnpicklingError
-            raise EmbedError(f"weights {path.name}: refused, not a plain tensor state dict "
-                             f"(only tensors are loaded, never pickled code): {str(exc).splitlines()[0]}") from exc
+            raise EmbedError(f"weights {path.name}: refused, not a plain tensor state dict (only tensors are "
+                             f"loaded, never pickled code: {_refusal_reason(exc)}); convert weights you trust "
+                             "to .safetensors") from exc
     state = _unwrap(state, path)
     own = model.state_dict()
     # Checkpoints of the full classifier carry a head that num_classes=0 removed; drop it.
@@ -129,6 +132,17 @@ def _load_weights(model: torch.nn.Module, path: Path, name: str) -> str:
         raise EmbedError(f"weights {path.name} do not fit backbone {name} ({detail})")
     model.load_state_dict(usable, strict=True)
     return file_sha256(path)
+
+
+def _refusal_reason(exc: Exception) -> str:
+    """The line of torch's refusal that names what was refused (its first lines advise unsafe loading)."""
+    lines = [line.strip().rstrip(".") for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or line.startswith("Unsupported")]
+    if named:
+        return named[0]
+    if lines and not lines[0].startswith("Weights only load failed"):
+        return lines[0]
+    return type(exc).__name__
 
 
 def _unwrap(state: object, path: Path) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from milhema.explain.faithfulness import diagnostic_auroc
 from milhema.explain.geojson import slide_geojson
 from milhema.explain.report import ReportContent, render_report
 from milhema.explain.scores import PatientScores, explain_scores
-from milhema.io import atomic_folder, write_csv, write_text
+from milhema.io import atomic_folder, check_new_folder, write_csv, write_text
 from milhema.slides.wsi import WholeSlide
 from milhema.train.outputs import rank_percentiles
 from milhema.train.predict import load_run
@@ -65,6 +65,7 @@ def run_explain(run: str | Path, cohort: Cohort, bags: str | Path, out: str | Pa
     Returns the summary written to ``summary.json``.
     """
     run, bags, out = Path(run), Path(bags), Path(out)
+    check_new_folder(out, overwrite=overwrite, what="output folder")
     if top_k < 1:
         raise MilhemaError(f"--top-k must be at least 1, got {top_k}")
     if patients:

@@ -33,10 +33,12 @@ def save_checkpoint(stem: Path, model: PatientModel, spec: Mapping[str, Any], me
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     tmp = weights.with_name(f".{weights.name}.tmp")
     save_file(state, str(tmp))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())  # on disk before the rename, and before a cv fold is marked done
     os.replace(tmp, weights)
     document = {"format": "milhema-checkpoint", "format_version": 1, "created_with": f"milhema {__version__}",
                 "spec": dict(spec), **dict(meta)}
-    write_text(stem.with_suffix(".json"), json.dumps(document, indent=2) + "\n")
+    write_text(stem.with_suffix(".json"), json.dumps(document, indent=2) + "\n", durable=True)
     return weights
 
 

@@ -19,7 +19,7 @@ import yaml
 from milhema.data.manifest import Cohort
 from milhema.device import resolve_device
 from milhema.errors import MilhemaError
-from milhema.io import atomic_folder, write_csv
+from milhema.io import atomic_folder, check_new_folder, write_csv
 from milhema.train.checkpoint import CheckpointError, check_compatible, load_checkpoint
 from milhema.train.data import BagInfo, BagStore, inspect_bags
 from milhema.train.model import PatientModel
@@ -32,7 +32,13 @@ def run_config(run: Path) -> dict[str, Any]:
     path = run / "config.yaml"
     if not path.is_file():
         raise MilhemaError(f"{run} is not a milhema run folder (no config.yaml); pass the --out of train or cv")
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:  # safe_load also refuses python/object tags: never runs code
+        raise MilhemaError(f"{path}: cannot read the run's config ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(config, dict):
+        raise MilhemaError(f"{path}: not a milhema run config")
+    return config
 
 
 @dataclass
@@ -138,6 +144,7 @@ def run_predict(run: str | Path, cohort: Cohort, bags: str | Path, out: str | Pa
                 overwrite: bool = False, device: str = "auto") -> dict[str, np.ndarray]:
     """Write predictions.csv, slide_predictions.csv and cell_scores/ into ``out``; return patient probabilities."""
     out = Path(out)
+    check_new_folder(out, overwrite=overwrite, what="output folder")
     ids = cohort.patient_ids
     loaded = load_run(run, cohort, bags, ids)
     classes, store = loaded.classes, loaded.store

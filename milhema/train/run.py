@@ -24,11 +24,11 @@ from milhema.config import dump_config
 from milhema.data.manifest import Cohort
 from milhema.device import resolve_device
 from milhema.errors import MilhemaError
-from milhema.io import atomic_folder, check_free
+from milhema.io import atomic_folder, check_new_folder, partial_folder
 from milhema.tracking import Tracker, start_tracker
 from milhema.train import distributed
 from milhema.train.baseline import cbc_design, cross_val_proba, patient_folds
-from milhema.train.checkpoint import save_checkpoint
+from milhema.train.checkpoint import load_checkpoint, save_checkpoint
 from milhema.train.data import BagInfo, BagStore, PatientBag, inspect_bags, resolve_views
 from milhema.train.distributed import Ranks
 from milhema.train.loop import Prediction, fit, predict
@@ -40,6 +40,15 @@ from milhema.train.outputs import (
     rank_percentiles,
     write_cell_scores,
     write_csv,
+)
+from milhema.train.resume import (
+    RUN_HINT,
+    CvProgress,
+    FoldSplit,
+    check_start,
+    cohort_fingerprint,
+    has_finished_folds,
+    run_state,
 )
 from milhema.train.survival import (
     cbc_cox_risk,
@@ -109,22 +118,38 @@ def _start(config: Mapping[str, Any]) -> tuple[torch.device, Ranks]:
 
 
 @contextmanager
-def _run_outputs(config: Mapping[str, Any], out: Path, overwrite: bool, job_type: str,
-                 ranks: Ranks) -> Iterator[tuple[Path, Tracker]]:
-    """The folder this process writes the run into, and its tracker.
+def _run_folder(out: Path, ranks: Ranks, **atomic: Any) -> Iterator[Path]:
+    """The folder this process writes the run into (``atomic`` goes to :func:`atomic_folder`).
 
-    Rank 0 builds the real run folder (renamed into place when complete) and the W&B run. The
-    other ranks of a torchrun job compute the same results in lockstep and write them into a
-    scratch folder that is deleted, so a run has exactly one folder and one W&B run.
+    Rank 0 builds the real run folder, renamed into place when complete. The other ranks of a
+    torchrun job compute the same results in lockstep and write them into a scratch folder that
+    is deleted, so a run has exactly one folder.
     """
     if ranks.is_main:
-        with (atomic_folder(out, overwrite=overwrite, what="run folder") as tmp,
-              start_tracker(config, tmp, name=out.name, job_type=job_type, final_folder=out) as tracker):
-            yield tmp, tracker
-    else:
-        check_free(out, overwrite=overwrite, what="run folder")  # every rank refuses, none waits forever
-        with tempfile.TemporaryDirectory(prefix=f"milhema-rank{ranks.rank}-") as scratch:
-            yield Path(scratch), Tracker()
+        with atomic_folder(out, what="run folder", **atomic) as tmp:
+            yield tmp
+        return
+    # Every rank refuses an existing folder, so none is left waiting for the others.
+    check_new_folder(out, overwrite=atomic.get("overwrite", False), what="run folder",
+                     hint=atomic.get("hint", "choose another folder or pass --overwrite"))
+    with tempfile.TemporaryDirectory(prefix=f"milhema-rank{ranks.rank}-") as scratch:
+        yield Path(scratch)
+
+
+def _tracker(config: Mapping[str, Any], folder: Path, out: Path, job_type: str, ranks: Ranks) -> Tracker:
+    """The W&B run of rank 0 (one run per command); other ranks track nothing."""
+    if not ranks.is_main:
+        return Tracker()
+    return start_tracker(config, folder, name=out.name, job_type=job_type, final_folder=out)
+
+
+def _share_reused(model: PatientModel | None, checkpoint: Path, ranks: Ranks) -> PatientModel | None:
+    """Under torchrun with ``--resume``: rank 0's decision to reuse a finished fold, and its model, on every rank."""
+    if not distributed.broadcast(model is not None, ranks):
+        return None
+    if model is None:
+        model, _ = load_checkpoint(checkpoint)
+    return model
 
 
 def _prepare(config: Mapping[str, Any], cohort: Cohort, bags: Path) -> tuple[BagStore, BagInfo, dict[str, Any], list[str]]:
@@ -213,10 +238,29 @@ def _history_writer(path: Path, tracker: Tracker, prefix: str = "", **keys: Any)
     return log
 
 
+def _reuse_fold(progress: CvProgress, split: FoldSplit, checkpoint: Path, tracker: Tracker) -> PatientModel | None:
+    """The model of a fold the interrupted run finished; its epochs go to the (new) tracker run again."""
+    found = progress.reuse(split, checkpoint)
+    if found is None:
+        return None
+    model, history = found
+    for record in history:
+        tracker.log_epoch({k: v for k, v in record.items() if k not in ("repeat", "fold")}, split.name)
+    return model
+
+
 def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str | Path, *, overwrite: bool = False,
-           progress: bool = True) -> dict[str, Any]:
-    """Patient-grouped, label-stratified K-fold cross-validation, repeated ``cv.repeats`` times."""
+           resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Patient-grouped, label-stratified K-fold cross-validation, repeated ``cv.repeats`` times.
+
+    ``resume`` continues an interrupted run into ``out`` from its finished folds
+    (:mod:`milhema.train.resume`), or returns the metrics of ``out`` if it is already complete.
+    """
     bags, out = Path(bags), Path(out)
+    finished = check_start(out, config, resume=resume, overwrite=overwrite)
+    if finished is not None:
+        return finished
+    resuming = resume and run_state(out)[0] == "interrupted"
     folds, repeats = config["cv"]["folds"], config["cv"]["repeats"]
     store, info, spec, ids = _prepare(config, cohort, bags)
     y = cohort.labels(ids)
@@ -232,7 +276,12 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
     started = time.perf_counter()
     classes = cohort.classes
     # The W&B run is closed (its files complete) before the folder gets its final name.
-    with _run_outputs(config, out, overwrite, "cv", ranks) as (tmp, tracker):
+    # An interrupted run beside a finished one was started with --overwrite: it replaces it.
+    with (_run_folder(out, ranks, overwrite=overwrite or resuming, hint=RUN_HINT, reuse_partial=resuming,
+                      keep_partial=has_finished_folds) as tmp,
+          CvProgress.open(tmp, config, cohort_fingerprint(cohort, ids, bags, info),
+                          resume=resuming and ranks.is_main) as folds_done,
+          _tracker(config, tmp, out, "cv", ranks) as tracker):
         (tmp / "config.yaml").write_text(dump_config(config), encoding="utf-8")
         patient_probs = np.zeros((repeats, len(ids), len(classes)))
         cbc_probs = np.zeros((repeats, len(ids), len(classes)))
@@ -255,12 +304,21 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
                 inner_train, val = inner_split(train_ids, strata[train_idx], t["val_fraction"], t["seed"] + r)
                 if set(test_ids) & (set(inner_train) | set(val)):
                     raise MilhemaError("internal check failed: a test patient is also in training")  # never expected
-                log = _history_writer(tmp / "history.jsonl", tracker, f"r{r}_f{k}", repeat=r, fold=k)
-                model, _ = train_model(config, store, spec, inner_train, val, device, log, progress,
-                                       desc=f"repeat {r} fold {k}", ranks=ranks)
-                save_checkpoint(tmp / "checkpoints" / f"r{r}_f{k}", model, model.spec,
-                                {"bags": _bag_meta(info), "repeat": r, "fold": k, "test_patients": test_ids,
-                                 "train_patients": inner_train, "val_patients": val})
+                split = FoldSplit(r, k, test_ids, inner_train, val)
+                model = _reuse_fold(folds_done, split, tmp / "checkpoints" / split.name, tracker)
+                if ranks.active:  # rank 0 alone keeps the interrupted run: the others follow its choice
+                    shared = _share_reused(model, partial_folder(out) / "checkpoints" / split.name, ranks)
+                    if shared is not None and model is None:
+                        folds_done.begin(split)  # an empty history in this rank's scratch bookkeeping
+                    model = shared
+                if model is None:
+                    log = _history_writer(folds_done.begin(split), tracker, split.name, repeat=r, fold=k)
+                    model, _ = train_model(config, store, spec, inner_train, val, device, log, progress,
+                                           desc=f"repeat {r} fold {k}", ranks=ranks)
+                    save_checkpoint(tmp / "checkpoints" / split.name, model, model.spec,
+                                    {"bags": _bag_meta(info), "repeat": r, "fold": k, "test_patients": test_ids,
+                                     "train_patients": inner_train, "val_patients": val})
+                    folds_done.finish(split)
                 test_bags = store.many(test_ids)
                 result = predict_patients(model, test_bags, t["batch_size"], device, t["amp"], ranks)
                 for j, pid in enumerate(result.patient_ids):
@@ -352,6 +410,7 @@ def run_train(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: 
               overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """One model on all labelled patients, early-stopped on an inner validation split."""
     bags, out = Path(bags), Path(out)
+    check_new_folder(out, overwrite=overwrite, what="run folder")
     store, info, spec, ids = _prepare(config, cohort, bags)
     tasks = config["loss"]["task"]
     y = cohort.labels(ids)
@@ -360,7 +419,8 @@ def run_train(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: 
     t = config["train"]
     device, ranks = _start(config)
     progress = progress and ranks.is_main
-    with _run_outputs(config, out, overwrite, "train", ranks) as (tmp, tracker):
+    with (_run_folder(out, ranks, overwrite=overwrite) as tmp,
+          _tracker(config, tmp, out, "train", ranks) as tracker):
         (tmp / "config.yaml").write_text(dump_config(config), encoding="utf-8")
         train_ids, val_ids = inner_split(ids, strata, t["val_fraction"], t["seed"])
         model, history = train_model(config, store, spec, train_ids, val_ids, device,
