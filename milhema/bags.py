@@ -30,6 +30,9 @@ OPTIONAL_DATASETS = ("bboxes", "thumbnails", "cell_types", "diagnostic")
 REQUIRED_ATTRS = ("format", "format_version", "slide_id", "patient_id", "backbone", "weights_sha256",
                   "feature_dim", "mpp", "crop_px", "created_with")
 _STR = h5py.string_dtype("utf-8")
+# The HDF5 1.8 file format: every object header carries a checksum, so a damaged header is an
+# error from the library instead of a crash inside it, and any HDF5 from 1.8 (2008) on reads it.
+_LIBVER = ("v108", "v108")
 
 
 @dataclass
@@ -147,7 +150,7 @@ def write_bag(
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", libver=_LIBVER) as f:
             for name, array in datasets.items():
                 _create(f, name, array)
             f.attrs.update(attrs)
@@ -317,6 +320,8 @@ def _global_heap_damage(path: Path) -> str | None:
 
 
 def _collection_damage(data: mmap.mmap, start: int) -> str | None:
+    if start + _GCOL_HEADER > len(data):
+        return None  # cut short: as below
     (size,) = struct.unpack_from("<Q", data, start + 8)
     end = start + size
     if end > len(data):

@@ -207,8 +207,11 @@ def merge_into(config: dict[str, Any], update: Mapping[str, Any], *, source: str
 
 
 def _checked(value: Any, default: Any, dotted: str, source: str) -> Any:
-    if default is None or value is None:
+    if default is None:
         return value
+    if value is None:
+        raise ConfigError(f"{source}: '{dotted}' cannot be empty (null); give a value, or remove the line to keep "
+                          f"the default {default!r}")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: '{dotted}' must be true or false, got {value!r}")
