@@ -162,7 +162,8 @@ def _read_table(path: Path, required: Iterable[str]) -> tuple[list[str], list[tu
     for column in required:
         if column not in header:
             hint = difflib.get_close_matches(column, header, n=1)
-            extra = f" (found {hint[0]!r}; rename it)" if hint else ""
+            found = ", ".join(header[:8]) + (", ..." if len(header) > 8 else "")
+            extra = f" (found {hint[0]!r}; rename it)" if hint else f"; the header has {_shown(found)}"
             raise ManifestError(f"{path.name} row 1: required column {column!r} is missing{extra}")
     rows = []
     for offset, values in enumerate(body):
@@ -291,7 +292,7 @@ def _source_path(folder: Path, raw: str, must_exist: bool, where: str, slide_id:
     return source
 
 
-def _shown(value: str, limit: int = 60) -> str:
+def _shown(value: str, limit: int = 200) -> str:
     """``repr`` of a cell value, shortened so one bad cell cannot flood the error line."""
     return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} characters)"
 
