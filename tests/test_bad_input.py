@@ -115,6 +115,13 @@ def rewritten_bags(dim: int | None, backbone: str) -> Callable[[World, Path, Pat
     return build
 
 
+def damaged_run(world: World, tmp: Path, out: Path) -> list[str]:
+    run = tmp / "run"
+    shutil.copytree(world.run, run)
+    (run / "config.yaml").write_text("data: [\n")
+    return ["predict", "--run", str(run), "--cohort", str(world.cohort), "--bags", str(world.bags), "--out", str(out)]
+
+
 def config_case(text: str | bytes) -> Callable[[World, Path, Path], list[str]]:
     def build(world: World, tmp: Path, out: Path) -> list[str]:
         config = tmp / "config.yaml"
@@ -211,6 +218,7 @@ CASES: dict[str, tuple[Callable[[World, Path, Path], list[str]], str]] = {
     "bag with NaN": (bags_case(_nan), "has NaN or Inf features; re-run embed"),
     "bags of another feature size": (rewritten_bags(7, "none"), "but these bags come from none (7)"),
     "bags of another backbone": (rewritten_bags(None, "timm/other"), "but these bags come from timm/other ("),
+    "run with a damaged config.yaml": (damaged_run, "run/config.yaml: cannot be read as the run's config (ParserError)"),
     # config
     "unknown config key": (config_case("train:\n  epoch: 3\n"), "unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
     "wrong type": (config_case("train:\n  lr: fast\n"), "'train.lr' must be float, got 'fast'"),
