@@ -8,12 +8,14 @@ leaves a half bag under the final name. ``read_bag`` also reads CLAM / TRIDENT f
 from __future__ import annotations
 
 import math
+import mmap
 import os
+import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import h5py
 import numpy as np
@@ -28,6 +30,9 @@ OPTIONAL_DATASETS = ("bboxes", "thumbnails", "cell_types", "diagnostic")
 REQUIRED_ATTRS = ("format", "format_version", "slide_id", "patient_id", "backbone", "weights_sha256",
                   "feature_dim", "mpp", "crop_px", "created_with")
 _STR = h5py.string_dtype("utf-8")
+# The HDF5 1.8 file format: every object header carries a checksum, so a damaged header is an
+# error from the library instead of a crash inside it, and any HDF5 from 1.8 (2008) on reads it.
+_LIBVER = ("v108", "v108")
 
 
 @dataclass
@@ -145,7 +150,7 @@ def write_bag(
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", libver=_LIBVER) as f:
             for name, array in datasets.items():
                 _create(f, name, array)
             f.attrs.update(attrs)
@@ -204,15 +209,22 @@ def open_bag(path: str | Path) -> h5py.File:
     """The bag file open for reading, for callers that keep handles open (one set per process).
 
     Raises:
-        BagError: the file is missing or not HDF5.
+        BagError: the file is missing, not HDF5 or damaged.
     """
     return _open(Path(path))
 
 
 def read_open_bag(f: h5py.File, path: Path, *, thumbnails: bool = True) -> Bag:
     """:func:`read_bag` on a file opened by :func:`open_bag`; ``path`` names the file in errors."""
-    foreign = f.attrs.get("format") != FORMAT
+    foreign = _is_foreign(f)
     _check_structure(f, path, foreign)
+    bag = _guarded(path, lambda: _read(f, path, foreign, thumbnails))
+    if not np.isfinite(bag.features).all():
+        raise BagError(f"slide {bag.slide_id}: bag file {path.name} has NaN or Inf features; re-run embed to rebuild it")
+    return bag
+
+
+def _read(f: h5py.File, path: Path, foreign: bool, thumbnails: bool) -> Bag:
     features = f["features"][()]
     if features.ndim == 3:  # CLAM writes [1, N, D] in some versions
         features = features[0]
@@ -220,32 +232,37 @@ def read_open_bag(f: h5py.File, path: Path, *, thumbnails: bool = True) -> Bag:
     coords = f["coords"][()]
     if coords.ndim == 3:
         coords = coords[0]
-    bag = Bag(
+    return Bag(
         slide_id=str(attrs.get("slide_id", path.stem)),
         patient_id=None if foreign else str(attrs["patient_id"]),
         features=features,
-        coords=coords.astype(np.float32, copy=False),
-        cell_ids=(f["cell_ids"].asstr()[()].astype(object) if "cell_ids" in f
+        coords=coords[:, :2].astype(np.float32, copy=False),
+        cell_ids=(_text(f, "cell_ids", path) if "cell_ids" in f
                   else np.array([f"{x:g}_{y:g}" for x, y in coords[:, :2]], dtype=object)),
         bboxes=f["bboxes"][()] if "bboxes" in f else None,
         thumbnails=f["thumbnails"][()] if thumbnails and "thumbnails" in f else None,
-        cell_types=f["cell_types"].asstr()[()].astype(object) if "cell_types" in f else None,
+        cell_types=_text(f, "cell_types", path) if "cell_types" in f else None,
         diagnostic=f["diagnostic"][()].astype(bool) if "diagnostic" in f else None,
         attrs=attrs,
         foreign=foreign,
     )
-    if not np.isfinite(bag.features).all():
-        raise BagError(f"slide {bag.slide_id}: bag file {path.name} has NaN or Inf features")
-    return bag
+
+
+def _text(f: h5py.File, name: str, path: Path) -> np.ndarray:
+    try:
+        return f[name].asstr()[()].astype(object)
+    except UnicodeDecodeError as exc:
+        raise BagError(f"slide {_slide_name(f, path)}: '{name}' of bag file {path.name} is not UTF-8 text "
+                       f"(byte {exc.start} of one entry)") from exc
 
 
 def read_bag_attrs(path: str | Path) -> dict[str, Any]:
     """Root attributes plus ``n_cells`` without loading any array (cheap: for listings and checks)."""
     path = Path(path)
     with _open(path) as f:
-        foreign = f.attrs.get("format") != FORMAT
+        foreign = _is_foreign(f)
         _check_structure(f, path, foreign)
-        attrs = {k: _plain(v) for k, v in f.attrs.items()}
+        attrs = _guarded(path, lambda: {k: _plain(v) for k, v in f.attrs.items()})
         shape = f["features"].shape
         attrs["n_cells"] = int(shape[-2])
         attrs.setdefault("feature_dim", int(shape[-1]))
@@ -268,51 +285,196 @@ def validate_bag(path: str | Path) -> dict[str, Any]:
     return attrs
 
 
+# What h5py raises when a damaged file passes the open but a block inside it cannot be read:
+# OSError for HDF5 library errors, KeyError for broken links, RuntimeError for bad B-tree or
+# heap entries, ValueError for impossible dataspaces or filters, TypeError for a string type
+# with an unknown encoding.
+_DAMAGED = (OSError, KeyError, RuntimeError, ValueError, TypeError)
+T = TypeVar("T")
+
+
 def _open(path: Path) -> h5py.File:
     if not path.is_file():
         raise BagError(f"bag file {path} not found")
+    damage = _global_heap_damage(path)
+    if damage:
+        raise BagError(f"slide {path.stem}: bag file {path.name} is corrupt ({damage}); re-run embed to rebuild it")
     try:
         return h5py.File(path, "r")
-    except OSError as exc:
+    except _DAMAGED as exc:
         raise BagError(f"slide {path.stem}: bag file {path.name} is not a readable HDF5 file "
                        "(truncated or corrupt; re-run embed to rebuild it)") from exc
 
 
+# A global heap collection (where HDF5 keeps variable-length strings: cell ids, text attributes)
+# starts with "GCOL", version 1 and three zero bytes, then its size; objects follow, each with a
+# 16-byte header (index, reference count, reserved, size) and data padded to 8 bytes.
+_GCOL = b"GCOL\x01\x00\x00\x00"
+_GCOL_HEADER = 16
+_GCOL_OBJECT_HEADER = 16
+
+
+def _global_heap_damage(path: Path) -> str | None:
+    """What is wrong with the file's global heap collections, or None.
+
+    The HDF5 library loops forever on a collection whose free-space entry has size 0 (one
+    flipped or zeroed byte does it), inside C code that no timeout can stop. Those collections
+    are found here first, by walking every collection the way the library does.
+    """
+    if path.stat().st_size < len(_GCOL) + 8:
+        return None
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        start = data.find(_GCOL)
+        while start != -1:
+            problem = _collection_damage(data, start)
+            if problem:
+                return f"global heap at byte {start}: {problem}"
+            start = data.find(_GCOL, start + len(_GCOL))
+    return None
+
+
+def _collection_damage(data: mmap.mmap, start: int) -> str | None:
+    if start + _GCOL_HEADER > len(data):
+        return None  # cut short: as below
+    (size,) = struct.unpack_from("<Q", data, start + 8)
+    end = start + size
+    if end > len(data):
+        return None  # cut short: the library reports it when it reads the collection
+    p = start + _GCOL_HEADER
+    while p + _GCOL_OBJECT_HEADER <= end:  # a shorter tail is free space, which the library skips
+        index, = struct.unpack_from("<H", data, p)
+        (length,) = struct.unpack_from("<Q", data, p + 8)
+        need = length if index == 0 else _GCOL_OBJECT_HEADER + (length + 7) // 8 * 8
+        if need == 0 or p + need > end:
+            return f"object {index} claims {length} bytes"
+        p += need
+    return None
+
+
+def _guarded(path: Path, read: Callable[[], T]) -> T:
+    """``read()``, with a damaged block reported as a :class:`BagError` that names the file."""
+    try:
+        return read()
+    except BagError:
+        raise
+    except _DAMAGED as exc:
+        raise BagError(f"slide {path.stem}: bag file {path.name} is damaged ({_first_line(exc)}); "
+                       "re-run embed to rebuild it") from exc
+
+
+def _is_foreign(f: h5py.File) -> bool:
+    """True for a CLAM/TRIDENT file: no ``format = milhema-bag`` attribute."""
+    try:
+        return _plain(f.attrs.get("format")) != FORMAT
+    except _DAMAGED:
+        return True  # unreadable attributes: judged on its datasets alone
+
+
+def _slide_name(f: h5py.File, path: Path) -> str:
+    """The slide id for messages: the attribute when it is readable text, else the file stem."""
+    try:
+        value = _plain(f.attrs.get("slide_id", path.stem))
+    except _DAMAGED:
+        return path.stem
+    return value if isinstance(value, str) and value else path.stem
+
+
 def _check_structure(f: h5py.File, path: Path, foreign: bool) -> None:
-    slide = f.attrs.get("slide_id", path.stem)
+    """Every required dataset and attribute, with shapes and types the readers can rely on."""
+    slide = _slide_name(f, path)
+    where = f"slide {slide}: bag file {path.name}"
+    _guarded(path, lambda: _check_datasets(f, where, foreign))
+    if not foreign:
+        _guarded(path, lambda: _check_attrs(f, where))
+
+
+def _dataset(f: h5py.File, name: str, where: str) -> h5py.Dataset:
+    item = f.get(name)
+    if not isinstance(item, h5py.Dataset) or item.shape is None:
+        raise BagError(f"{where} has no '{name}' dataset")
+    return item
+
+
+def _check_datasets(f: h5py.File, where: str, foreign: bool) -> None:
     required = ("features", "coords") if foreign else REQUIRED_DATASETS
     for name in required:
-        if name not in f or not isinstance(f[name], h5py.Dataset):
-            raise BagError(f"slide {slide}: bag file {path.name} has no '{name}' dataset")
-    if not foreign:
-        missing = [a for a in REQUIRED_ATTRS if a not in f.attrs]
-        if missing:
-            raise BagError(f"slide {slide}: bag file {path.name} lacks attributes {', '.join(missing)}")
-        version = int(f.attrs["format_version"])
-        if version > FORMAT_VERSION:
-            raise BagError(f"slide {slide}: bag format version {version} is newer than this milhema "
-                           f"understands ({FORMAT_VERSION}); upgrade milhema")
+        _dataset(f, name, where)
     feats = f["features"]
     shape = feats.shape[1:] if feats.ndim == 3 and feats.shape[0] == 1 else feats.shape
     if len(shape) != 2:
-        raise BagError(f"slide {slide}: features must be [N, D], got shape {list(feats.shape)}")
+        raise BagError(f"{where}: features must be [N, D], got shape {list(feats.shape)}")
     if feats.dtype.kind != "f":
-        raise BagError(f"slide {slide}: features must be floating point, got {feats.dtype}")
+        raise BagError(f"{where}: features must be floating point, got {feats.dtype}")
     n, d = shape
-    if not foreign and int(f.attrs["feature_dim"]) != d:
-        raise BagError(f"slide {slide}: attribute feature_dim={f.attrs['feature_dim']} but features have {d} columns")
+    if d < 1:
+        raise BagError(f"{where}: features have no columns (shape {list(feats.shape)})")
     coords = f["coords"]
     cshape = coords.shape[1:] if coords.ndim == 3 and coords.shape[0] == 1 else coords.shape
-    if len(cshape) != 2 or cshape[0] != n or cshape[1] < 2:
-        raise BagError(f"slide {slide}: coords must be [{n}, 2], got {list(coords.shape)}")
+    if len(cshape) != 2 or cshape[0] != n or cshape[1] < 2 or coords.dtype.kind not in "iuf":
+        raise BagError(f"{where}: coords must be [{n}, 2] numbers, got {list(coords.shape)} {coords.dtype}")
     for name in ("cell_ids", *OPTIONAL_DATASETS):
-        if name in f and f[name].shape[0] != n:
-            raise BagError(f"slide {slide}: '{name}' has {f[name].shape[0]} rows but there are {n} cells")
+        if name in f:
+            _check_optional(_dataset(f, name, where), name, n, where)
+
+
+# Per optional dataset: the dtype kinds allowed and the shape after N (None = any S, S).
+_LAYOUT: dict[str, tuple[str, tuple[int | None, ...]]] = {
+    "cell_ids": ("OSU", ()), "cell_types": ("OSU", ()), "diagnostic": ("biu", ()),
+    "bboxes": ("iuf", (4,)), "thumbnails": ("u", (None, None, 3)),
+}
+
+
+def _check_optional(ds: h5py.Dataset, name: str, n: int, where: str) -> None:
+    kinds, rest = _LAYOUT[name]
+    shape_ok = ds.ndim == 1 + len(rest) and ds.shape[0] == n and all(
+        want is None or want == got for want, got in zip(rest, ds.shape[1:], strict=True))
+    if ds.ndim >= 1 and ds.shape[0] != n:
+        raise BagError(f"{where}: '{name}' has {ds.shape[0]} rows but there are {n} cells")
+    is_text = h5py.check_string_dtype(ds.dtype) is not None
+    kind_ok = is_text if kinds == "OSU" else (ds.dtype.kind in kinds and not is_text)
+    if not shape_ok or not kind_ok:
+        layout = ", ".join(["N", *("S" if r is None else str(r) for r in rest)])
+        what = "text" if kinds == "OSU" else {"biu": "0/1", "iuf": "numbers", "u": "uint8"}[kinds]
+        raise BagError(f"{where}: '{name}' must be [{layout}] {what}, got {list(ds.shape)} {ds.dtype}")
+
+
+def _check_attrs(f: h5py.File, where: str) -> None:
+    missing = [a for a in REQUIRED_ATTRS if a not in f.attrs]
+    if missing:
+        raise BagError(f"{where} lacks attributes {', '.join(missing)}")
+    for name in ("slide_id", "patient_id", "backbone", "weights_sha256"):
+        if not isinstance(_plain(f.attrs[name]), str):
+            raise BagError(f"{where}: attribute {name} must be text, got {f.attrs[name]!r}")
+    version = _int_attr(f, "format_version", where)
+    if version > FORMAT_VERSION:
+        raise BagError(f"{where}: bag format version {version} is newer than this milhema "
+                       f"understands ({FORMAT_VERSION}); upgrade milhema")
+    feats = f["features"]
+    d = feats.shape[-1]
+    feature_dim = _int_attr(f, "feature_dim", where)
+    if feature_dim != d:
+        raise BagError(f"{where}: attribute feature_dim={feature_dim} but features have {d} columns")
+    _int_attr(f, "crop_px", where)
+    mpp = _plain(f.attrs["mpp"])
+    if isinstance(mpp, bool) or not isinstance(mpp, (int, float)):
+        raise BagError(f"{where}: attribute mpp must be a number (NaN when unknown), got {mpp!r}")
+
+
+def _int_attr(f: h5py.File, name: str, where: str) -> int:
+    value = _plain(f.attrs[name])
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise BagError(f"{where}: attribute {name} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _plain(value: Any) -> Any:
     if isinstance(value, bytes):
-        return value.decode("utf-8")
+        return value.decode("utf-8", errors="replace")
     if isinstance(value, np.generic):
         return value.item()
     return value

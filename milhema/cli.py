@@ -280,7 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"milhema: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("milhema: interrupted", file=sys.stderr)
+        hint = {"_cv": "; run the same command with --resume to continue from the finished folds",
+                "_embed": "; run the same command again: finished bags are kept"}.get(
+                    getattr(args.func, "__name__", ""), "")
+        print(f"milhema: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug, not bad input: say so on one line unless debugging
         if args.debug:

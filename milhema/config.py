@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,33 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # (model hyper-parameters differ by model family).
 _OPEN_SECTIONS = frozenset({"model"})
 
+# Class names become file names (gallery_<class>.png) and CSV columns (prob_<class>).
+_SAFE_NAME = re.compile(r"^[^/\\\x00-\x1f.][^/\\\x00-\x1f]{0,99}$")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_MAX_SEED = 2**32 - 1   # numpy, torch and scikit-learn all accept seeds up to here
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    """A key written twice in one mapping: YAML would silently keep the last one."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys, so an edit never hides a forgotten line."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _value in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise _DuplicateKeyError(f"key {key_node.value!r} appears twice (line {key_node.start_mark.line + 1})")
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+# The YAML constructor raises ValueError for impossible dates (2024-13-01) and recursion errors
+# for absurdly deep nesting; both are bad input, not bugs.
+_YAML_ERRORS = (yaml.YAMLError, ValueError, RecursionError)
+
 
 def default_config() -> dict[str, dict[str, Any]]:
     """A fresh deep copy of :data:`DEFAULTS`."""
@@ -117,10 +146,14 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     if path is not None:
         path = Path(path)
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8-sig")
         except OSError as exc:
             raise ConfigError(f"config {path}: cannot read it ({exc.strerror})") from exc
-        except yaml.YAMLError as exc:
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+        try:
+            loaded = _load_yaml(text)
+        except _YAML_ERRORS as exc:
             raise ConfigError(f"config {path}: not valid YAML ({_first_line(exc)})") from exc
         if loaded is None:
             loaded = {}
@@ -139,11 +172,17 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=0.001")
+    if not all(part.strip() for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: {key.strip()!r} has an empty part; write section.key, e.g. train.lr")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
+        value = _load_yaml(raw) if raw.strip() else None
+    except _YAML_ERRORS as exc:
         raise ConfigError(f"--set {item!r}: value is not valid YAML ({_first_line(exc)})") from exc
     return key.strip(), value
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506  (a SafeLoader subclass)
 
 
 def merge_into(config: dict[str, Any], update: Mapping[str, Any], *, source: str, prefix: str = "") -> None:
@@ -173,16 +212,17 @@ def merge_into(config: dict[str, Any], update: Mapping[str, Any], *, source: str
 
 
 def _checked(value: Any, default: Any, dotted: str, source: str) -> Any:
-    if default is None or value is None:
+    if default is None:
         return value
+    if value is None:
+        raise ConfigError(f"{source}: '{dotted}' cannot be empty (null); give a value, or remove the line to keep "
+                          f"the default {default!r}")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: '{dotted}' must be true or false, got {value!r}")
         return value
-    if isinstance(default, (int, float)) and not isinstance(value, bool) and isinstance(value, (int, float)):
-        if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"{source}: '{dotted}' must be a whole number, got {value!r}")
-        return type(default)(value)
+    if isinstance(default, (int, float)):
+        return _number(value, default, dotted, source)
     if isinstance(default, list):
         if not isinstance(value, list):
             raise ConfigError(f"{source}: '{dotted}' must be a list, e.g. [a, b], got {value!r}")
@@ -192,12 +232,48 @@ def _checked(value: Any, default: Any, dotted: str, source: str) -> Any:
     raise ConfigError(f"{source}: '{dotted}' must be {type(default).__name__}, got {value!r}")
 
 
+def _number(value: Any, default: int | float, dotted: str, source: str) -> int | float:
+    """``value`` as the type of ``default``; finite. Text like ``1e-3`` is a number too (YAML 1.1 reads it as text)."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = value
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ConfigError(f"{source}: '{dotted}' must be {type(default).__name__}, got {value!r}")
+    if not math.isfinite(number):
+        raise ConfigError(f"{source}: '{dotted}' must be a finite number, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(number, float) and not number.is_integer():
+            raise ConfigError(f"{source}: '{dotted}' must be a whole number, got {value!r}")
+        return int(number)
+    return float(number)
+
+
 def validate_values(config: Mapping[str, Any]) -> None:
     """Checks that go beyond types: values that are impossible whatever the file says."""
-    data = config["data"]
+    _validate_data(config["data"])
+    _validate_loss(config["loss"])
+    _validate_train(config["train"])
+    _at_least(config["cv"], "cv", {"occlusion_patients": 0, "folds": 2, "repeats": 1})
+    _check_model(config["model"], config["fusion"])
+    _validate_tracking(config["tracking"])
+
+
+def _validate_data(data: Mapping[str, Any]) -> None:
     classes = data["classes"]
-    if len(classes) < 2 or len(set(map(str, classes))) != len(classes):
+    _check_names("data.classes", classes, allow_empty_list=False)
+    if len(classes) < 2 or len(set(classes)) != len(classes):
         raise ConfigError(f"data.classes must list at least two distinct class names, got {classes}")
+    unsafe = [c for c in classes if not _SAFE_NAME.match(c)]
+    if unsafe:
+        raise ConfigError(f"data.classes: class name {unsafe[0]!r} cannot be used in file names "
+                          "(no '/', '\\', control characters, or leading '.')")
+    for key in ("cbc_columns", "cbc_log_columns"):
+        _check_names(f"data.{key}", data[key], allow_empty_list=True)
+    if data["views"] is not None:
+        _check_names("data.views", data["views"], allow_empty_list=False, null_hint=True)
     cbc = data["cbc_columns"]
     if len(set(cbc)) != len(cbc):
         raise ConfigError(f"data.cbc_columns lists a column twice: {cbc}")
@@ -207,33 +283,36 @@ def validate_values(config: Mapping[str, Any]) -> None:
     blocks = data["feature_blocks"]
     if blocks is not None and (not isinstance(blocks, list) or not blocks or not all(isinstance(b, str) for b in blocks)):
         raise ConfigError(f"data.feature_blocks must be null or a list of block names like [morphology], got {blocks!r}")
-    if data["max_cells"] < 1:
-        raise ConfigError(f"data.max_cells must be at least 1, got {data['max_cells']}")
-    if data["workers"] < 0:
-        raise ConfigError(f"data.workers must be 0 (read bags in the training process) or more, got {data['workers']}")
-    loss = config["loss"]
+    _at_least(data, "data", {"max_cells": 1, "workers": 0})
+
+
+def _validate_loss(loss: Mapping[str, Any]) -> None:
     tasks = loss["task"]
-    if not tasks or len(set(tasks)) != len(tasks) or not set(tasks) <= {"classification", "survival"}:
+    if (not all(isinstance(t, str) for t in tasks) or not tasks or len(set(tasks)) != len(tasks)
+            or not set(tasks) <= {"classification", "survival"}):
         raise ConfigError(f"loss.task must be classification, survival or [classification, survival], got {tasks!r}")
     if loss["survival"] not in ("cox", "discrete"):
         raise ConfigError(f"loss.survival must be cox or discrete, got {loss['survival']!r}")
-    if loss["survival_bins"] < 2:
-        raise ConfigError(f"loss.survival_bins must be at least 2, got {loss['survival_bins']}")
-    if loss["classification_weight"] < 0 or loss["survival_weight"] < 0:
-        raise ConfigError("loss.classification_weight and loss.survival_weight must be ≥ 0")
-    train = config["train"]
-    for key in ("epochs", "batch_size"):
-        if train[key] < 1:
-            raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")
+    _at_least(loss, "loss", {"survival_bins": 2, "classification_weight": 0.0, "survival_weight": 0.0,
+                             "triplet_weight": 0.0})
+
+
+def _validate_train(train: Mapping[str, Any]) -> None:
+    _at_least(train, "train", {"epochs": 1, "batch_size": 1, "patience": 1, "warmup_epochs": 0,
+                               "weight_decay": 0.0, "seed": 0})
     if not 0.0 < train["lr"] < 1.0:
         raise ConfigError(f"train.lr must be between 0 and 1, got {train['lr']}")
     if not 0.0 < train["val_fraction"] < 0.5:
         raise ConfigError(f"train.val_fraction must be between 0 and 0.5, got {train['val_fraction']}")
-    if config["cv"]["occlusion_patients"] < 0:
-        raise ConfigError(f"cv.occlusion_patients must be ≥ 0, got {config['cv']['occlusion_patients']}")
-    if config["cv"]["folds"] < 2:
-        raise ConfigError(f"cv.folds must be at least 2, got {config['cv']['folds']}")
-    tracking = config["tracking"]
+    if train["grad_clip"] <= 0:
+        raise ConfigError(f"train.grad_clip must be greater than 0 (the largest gradient norm), got {train['grad_clip']}")
+    if train["seed"] > _MAX_SEED:
+        raise ConfigError(f"train.seed must be at most {_MAX_SEED}, got {train['seed']}")
+    if not _DEVICE.match(train["device"]):
+        raise ConfigError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {train['device']!r}")
+
+
+def _validate_tracking(tracking: Mapping[str, Any]) -> None:
     mode = tracking["mode"]
     if mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"tracking.mode must be offline, online or disabled, got {mode!r}")
@@ -245,6 +324,37 @@ def validate_values(config: Mapping[str, Any]) -> None:
             raise ConfigError(f"tracking.{key} must be null or a non-empty string, got {value!r}")
     if not all(isinstance(tag, str) and tag for tag in tracking["tags"]):
         raise ConfigError(f"tracking.tags must be a list of non-empty strings, got {tracking['tags']!r}")
+
+
+def _at_least(section: Mapping[str, Any], name: str, minimum: Mapping[str, float]) -> None:
+    for key, low in minimum.items():
+        if section[key] < low:
+            raise ConfigError(f"{name}.{key} must be at least {low}, got {section[key]}")
+
+
+def _check_names(key: str, value: Any, *, allow_empty_list: bool, null_hint: bool = False) -> None:
+    """A list of distinct non-empty strings (class, column or view names)."""
+    ok = isinstance(value, list) and (allow_empty_list or value) and all(isinstance(v, str) and v.strip() for v in value)
+    if not ok:
+        alternative = " or null" if null_hint else ""
+        raise ConfigError(f"{key} must be a list of non-empty names, e.g. [a, b]{alternative}, got {value!r}")
+
+
+def _check_model(model: Mapping[str, Any], fusion: Mapping[str, Any]) -> None:
+    """The model and fusion names, checked here so a typo fails before any bag is read."""
+    from milhema.models import FUSION_MODES, list_models  # torch: imported only when a config is validated
+
+    name, mode = model["name"], fusion["mode"]
+    if name not in list_models():
+        raise ConfigError(f"model.name {name!r} is not one of {', '.join(list_models())}{_did_you_mean(name, list_models())}")
+    if mode not in FUSION_MODES:
+        raise ConfigError(f"fusion.mode {mode!r} is not one of {', '.join(FUSION_MODES)}"
+                          f"{_did_you_mean(mode, list(FUSION_MODES))}")
+
+
+def _did_you_mean(value: str, choices: list[str]) -> str:
+    hint = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
 
 
 def dump_config(config: Mapping[str, Any]) -> str:

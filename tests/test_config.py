@@ -42,6 +42,18 @@ def test_unknown_key_suggests_the_closest(tmp_path: Path) -> None:
     ("tracking.mode=cloud", "offline, online or disabled"),
     ("data.cbc_log_columns=[ferritin]", "not in data.cbc_columns"),
     ("train", "expected key=value"),
+    ("train.epochs=", "'train.epochs' cannot be empty"),
+    ("train.patience=0", "train.patience must be at least 1"),
+    ("cv.repeats=0", "cv.repeats must be at least 1"),
+    ("train.grad_clip=0", "train.grad_clip must be greater than 0"),
+    ("train.seed=-1", "train.seed must be at least 0"),
+    ("train.device=tpu", "train.device must be auto, cpu"),
+    ("train.lr=.inf", "must be a finite number"),
+    ("data.views=PB", "data.views must be a list"),
+    ("data.classes=[1, 2]", "data.classes must be a list of non-empty names"),
+    ("data.classes=[AML, a/b]", "cannot be used in file names"),
+    ("model.name=abmill", "did you mean 'abmil'"),
+    ("train..lr=1", "has an empty part"),
 ])
 def test_invalid_values(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -59,4 +71,15 @@ def test_bad_yaml_and_unsafe_tags_are_refused(tmp_path: Path) -> None:
         load_config(path)
     path.write_text("train: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_numbers_in_e_notation_and_duplicate_keys(tmp_path: Path) -> None:
+    assert load_config(None, ["train.lr=1e-3"])["train"]["lr"] == 0.001  # YAML 1.1 reads 1e-3 as text
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  epochs: 5\n  epochs: 50\n")
+    with pytest.raises(ConfigError, match=r"key 'epochs' appears twice \(line 4\)"):
+        load_config(path)
+    path.write_bytes(b"train:\n  lr: 0.1 # caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(path)

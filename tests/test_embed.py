@@ -112,8 +112,12 @@ def test_unreadable_images_are_skipped_and_empty_folders_give_empty_bags(cohort,
     bag = read_bag(tmp_path / f"{first.slide_id}.h5")
     assert bag.n_cells == n_first - 1 and "cell_0000.png" not in set(bag.cell_ids)
     assert read_bag(tmp_path / f"{second.slide_id}.h5").n_cells == 0
+    strict = EmbedOptions(**{**FAST, "fail_on_bad_image": True})
+    with pytest.raises(EmbedError, match=f"slide {second.slide_id}: crop folder .* holds no images"):
+        embed_cohort(cohort, tmp_path / "strict", strict)
+    shutil.copy(first.source / "cell_0001.png", second.source / "cell_0001.png")
     with pytest.raises(EmbedError, match="not a readable image"):
-        embed_cohort(cohort, tmp_path / "strict", EmbedOptions(**{**FAST, "fail_on_bad_image": True}))
+        embed_cohort(cohort, tmp_path / "strict", strict)
 
 
 def test_local_weights_safetensors_and_state_dict(tmp_path: Path) -> None:

@@ -148,7 +148,7 @@ def test_yaml_python_tags_are_refused_and_never_run(train_run: Path, tiny_cohort
     (run / "config.yaml").write_text(hostile)
     err = _refused(capsys, ["predict", "--run", str(run), "--cohort", str(tiny_cohort), "--bags", str(tiny_bags),
                             "--out", str(tmp_path / "pred")])
-    assert "cannot read the run's config" in err
+    assert "cannot be read as the run's config" in err
     assert not marker.exists() and not (tmp_path / "run").exists() and not (tmp_path / "pred").exists()
 
 

@@ -267,3 +267,15 @@ def test_same_seed_repeats_a_cpu_run_exactly(planted, tmp_path: Path) -> None:
     b = load_file(str(tmp_path / "b" / "checkpoints" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "a" / "history.jsonl").read_text() == (tmp_path / "b" / "history.jsonl").read_text()
+
+
+def test_patients_without_cells_are_named_in_a_warning(tmp_path: Path) -> None:
+    from milhema.train.data import EmptyBagWarning
+
+    cohort_dir, bags = planted_cohort(tmp_path, n_patients=12)
+    write_bag(bags / "P02_S0.h5", np.zeros((0, 12), np.float32), slide_id="P02_S0", patient_id="P02",
+              cell_ids=[], backbone="test/planted")
+    cohort = load_cohort(cohort_dir, CLASSES, ["wbc", "hb"])
+    with pytest.warns(EmptyBagWarning, match=r"1 patient without any cell in their bags \(P02\)"):
+        metrics = run_train(_config("train.epochs=2"), cohort, bags, tmp_path / "run", progress=False)
+    assert metrics["n_patients"] == 12  # kept, with the CBC alone

@@ -137,6 +137,8 @@ def load_cohort(
 
 def _read_table(path: Path, required: Iterable[str]) -> tuple[list[str], list[tuple[int, dict[str, str]]], bool]:
     """Header, ``(row number, row)`` pairs and whether decimals use commas."""
+    if path.is_dir():
+        raise ManifestError(f"{path}: is a folder; expected a CSV file")
     if not path.is_file():
         raise ManifestError(f"{path}: file not found")
     try:
@@ -160,7 +162,8 @@ def _read_table(path: Path, required: Iterable[str]) -> tuple[list[str], list[tu
     for column in required:
         if column not in header:
             hint = difflib.get_close_matches(column, header, n=1)
-            extra = f" (found {hint[0]!r}; rename it)" if hint else ""
+            found = ", ".join(header[:8]) + (", ..." if len(header) > 8 else "")
+            extra = f" (found {hint[0]!r}; rename it)" if hint else f"; the header has {_shown(found)}"
             raise ManifestError(f"{path.name} row 1: required column {column!r} is missing{extra}")
     rows = []
     for offset, values in enumerate(body):
@@ -183,9 +186,9 @@ def _parse_number(raw: str, *, decimal_comma: bool, where: str, what: str) -> fl
     try:
         value = float(text)
     except ValueError:
-        raise ManifestError(f"{where}: {what} {raw!r} is not a number (leave the cell empty if missing)") from None
+        raise ManifestError(f"{where}: {what} {_shown(raw)} is not a number (leave the cell empty if missing)") from None
     if not math.isfinite(value):
-        raise ManifestError(f"{where}: {what} {raw!r} is not a finite number (leave the cell empty if missing)")
+        raise ManifestError(f"{where}: {what} {_shown(raw)} is not a finite number (leave the cell empty if missing)")
     return value
 
 
@@ -194,7 +197,7 @@ def _check_id(value: str, where: str, what: str) -> None:
         raise ManifestError(f"{where}: {what} is empty")
     if not _SAFE_ID.match(value) or ".." in value:
         raise ManifestError(
-            f"{where}: {what} {value!r} is not safe as a file name "
+            f"{where}: {what} {_shown(value)} is not safe as a file name "
             "(use letters, digits, '.', '_' or '-', starting with a letter or digit)"
         )
 
@@ -214,20 +217,20 @@ def _read_patients(path: Path, classes: list[str], cbc_columns: list[str], requi
         if label is None and require_labels:
             raise ManifestError(f"{where}: patient {pid!r} has no label; training needs one of {', '.join(classes)}")
         if label is not None and label not in classes:
-            raise ManifestError(f"{where}: label {label!r} is not one of {', '.join(classes)}{_suggest(label, classes)}")
+            raise ManifestError(f"{where}: label {_shown(label)} is not one of {', '.join(classes)}{_suggest(label, classes)}")
         cbc = {}
         for column in cbc_columns:
             value = _parse_number(row[column], decimal_comma=decimal_comma, where=where, what=f"{column}")
             if value < 0:
-                raise ManifestError(f"{where}: {column} {row[column]!r} is negative")
+                raise ManifestError(f"{where}: {column} {_shown(row[column])} is negative")
             cbc[column] = value
         age = _optional_number(row, "age", decimal_comma, where)
         time = _optional_number(row, "time", decimal_comma, where)
         if time is not None and time <= 0:
-            raise ManifestError(f"{where}: time {row['time']!r} must be greater than 0 (or empty if not followed)")
+            raise ManifestError(f"{where}: time {_shown(row['time'])} must be greater than 0 (or empty if not followed)")
         event = _optional_number(row, "event", decimal_comma, where)
         if event is not None and event not in (0.0, 1.0):
-            raise ManifestError(f"{where}: event {row['event']!r} must be 0 (censored) or 1 (event)")
+            raise ManifestError(f"{where}: event {_shown(row['event'])} must be 0 (censored) or 1 (event)")
         if (time is None) != (event is None):
             raise ManifestError(f"{where}: time and event must be both given or both empty")
         patients[pid] = Patient(
@@ -259,16 +262,12 @@ def _read_slides(path: Path, patients: dict[str, Patient], check_sources: bool) 
             raise ManifestError(f"{where}: slide_id {sid!r} already used in row {first_row[sid]}")
         pid = row["patient_id"]
         if pid not in patients:
-            raise ManifestError(f"{where}: patient_id {pid!r} of slide {sid!r} is not in {PATIENTS_FILE}"
+            raise ManifestError(f"{where}: patient_id {_shown(pid)} of slide {sid!r} is not in {PATIENTS_FILE}"
                                 f"{_suggest(pid, list(patients))}")
-        if not row["source"]:
-            raise ManifestError(f"{where}: source of slide {sid!r} is empty")
-        source = (path.parent / row["source"]).resolve()
-        if check_sources and not source.exists():
-            raise ManifestError(f"{where}: source {row['source']!r} of slide {sid!r} does not exist ({source})")
+        source = _source_path(path.parent, row["source"], check_sources, where, sid)
         mpp = _optional_number(row, "mpp", decimal_comma, where)
         if mpp is not None and not 0.01 <= mpp <= 50:
-            raise ManifestError(f"{where}: mpp {row['mpp']!r} is not a plausible microns-per-pixel value")
+            raise ManifestError(f"{where}: mpp {_shown(row['mpp'])} is not a plausible microns-per-pixel value")
         slides.append(Slide(slide_id=sid, patient_id=pid, source=source, view=row.get("view") or None,
                             mpp=mpp, row=row_number))
         first_row[sid] = row_number
@@ -277,7 +276,30 @@ def _read_slides(path: Path, patients: dict[str, Patient], check_sources: bool) 
     return slides
 
 
+def _source_path(folder: Path, raw: str, must_exist: bool, where: str, slide_id: str) -> Path:
+    """``raw`` resolved against the CSV's folder."""
+    if not raw:
+        raise ManifestError(f"{where}: source of slide {slide_id!r} is empty; give the path of a scan or a "
+                            "folder of crops")
+    what = f"{where}: source {_shown(raw)} of slide {slide_id!r}"
+    try:
+        source = (folder / raw).resolve()
+        exists = source.exists()
+    except (OSError, ValueError) as exc:  # a NUL byte, a name longer than the file system allows
+        raise ManifestError(f"{what} is not a usable path ({exc.strerror if isinstance(exc, OSError) else exc})") from None
+    if must_exist and not exists:
+        raise ManifestError(f"{what} does not exist ({source}); fix the path, relative to {folder}")
+    return source
+
+
+def _shown(value: str, limit: int = 200) -> str:
+    """``repr`` of a cell value, shortened so one bad cell cannot flood the error line."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} characters)"
+
+
 def _suggest(value: str, choices: list[str]) -> str:
+    if len(value) > 100:  # not a typo, and fuzzy matching a huge cell would be slow
+        return ""
     lowered = {c.lower(): c for c in choices}
     if value.lower() in lowered:
         return f" (did you mean {lowered[value.lower()]!r}?)"

@@ -31,6 +31,7 @@ from milhema.device import resolve_device
 from milhema.embed.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
 from milhema.embed.morphology import MORPHOLOGY_FEATURES, MORPHOLOGY_VERSION, morphology_features
 from milhema.errors import BagError, EmbedError, MilhemaError
+from milhema.slides.crops import check_crop_folder
 from milhema.slides.detect import DetectOptions
 from milhema.slides.source import CellSource, open_source
 
@@ -84,9 +85,10 @@ class EmbedReport:
         text = (f"embedded {self.cells} cells of {len(self.written)} slides in {self.seconds:.1f} s "
                 f"({self.cells_per_s:.0f} cells/s); {len(self.skipped)} finished bags kept")
         if self.empty:
-            text += f"; {len(self.empty)} slides without cells: {', '.join(self.empty[:5])}"
+            text += (f"; {len(self.empty)} slide{'s' if len(self.empty) > 1 else ''} without cells: "
+                     f"{', '.join(self.empty[:5])}")
         if self.bad_images:
-            text += f"; {self.bad_images} unreadable images skipped"
+            text += f"; {self.bad_images} unreadable image{'s' if self.bad_images > 1 else ''} skipped"
         if self.detections:
             text = "\n".join([*self.detections, text])
         return text
@@ -130,6 +132,8 @@ def embed_cohort(cohort: Cohort, out: str | Path, options: EmbedOptions | None =
         if source.qc:
             report.detections.append(source.qc)
             log.info(source.qc)
+        if source.slide is None:
+            check_crop_folder(slide.slide_id, slide.source, len(source), opts.fail_on_bad_image)
         sources.append(source)
     _check_mpp(sources, opts.morphology)
     start = time.perf_counter()
@@ -215,8 +219,9 @@ class _CellImages(Dataset):
         try:
             rgb = source.read(cell)
         except MilhemaError as exc:
+            side = size or 1  # the same shape as a readable cell's, so the batch can be stacked
             return {"slide": slide_index, "ok": False, "error": str(exc), "crop_px": 0,
-                    "image": torch.zeros(3, size, size, dtype=torch.uint8),
+                    "image": torch.zeros(3, side, side, dtype=torch.uint8),
                     "thumb": torch.zeros(THUMBNAIL_PX, THUMBNAIL_PX, 3, dtype=torch.uint8),
                     "morph": torch.zeros(n_morph)}
         image = Image.fromarray(rgb)

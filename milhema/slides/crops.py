@@ -8,14 +8,16 @@ simulated truth; it is copied into the bag.
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from milhema.errors import MilhemaError
+from milhema.errors import EmbedError, MilhemaError
 
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 TRUTH_FILE = "cells.csv"
 
@@ -51,6 +53,27 @@ def list_crops(slide_id: str, folder: Path) -> CropFolder:
     return CropFolder(slide_id, folder, paths,
                       cell_types=tuple(truth[p.name][0] for p in paths),
                       diagnostic=tuple(truth[p.name][1] for p in paths))
+
+
+def check_crop_folder(slide_id: str, folder: Path, n_images: int, strict: bool) -> None:
+    """Warn about (or, when ``strict``, refuse) a crop folder without images or with files that are not images.
+
+    Hidden files (``.DS_Store``) and the truth file ``cells.csv`` are expected beside crops and ignored.
+
+    Raises:
+        EmbedError: ``strict`` and the folder has no image or holds other files.
+    """
+    others = sorted(p.name for p in folder.iterdir()
+                    if p.suffix.lower() not in IMAGE_SUFFIXES and p.name != TRUTH_FILE and not p.name.startswith("."))
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        message = f"slide {slide_id}: {len(others)} file(s) in crop folder {folder} are not images ({shown})"
+        if strict:
+            raise EmbedError(f"{message}; remove them, or embed without --fail-on-bad-image to skip them")
+        log.warning("%s; skipped", message)
+    if strict and n_images == 0:
+        raise EmbedError(f"slide {slide_id}: crop folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                         "remove the slide from slides.csv, or embed without --fail-on-bad-image to write an empty bag")
 
 
 def read_truth(slide_id: str, path: Path) -> dict[str, tuple[str, bool]] | None:

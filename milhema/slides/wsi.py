@@ -63,11 +63,15 @@ class WholeSlide:
     def __post_init__(self) -> None:
         self.path = Path(self.path)
         handle = self._open()
-        self.level_dimensions = tuple((int(w), int(h)) for w, h in handle.level_dimensions)
-        self.level_downsamples = tuple(float(d) for d in handle.level_downsamples)
+        try:
+            self.level_dimensions = tuple((int(w), int(h)) for w, h in handle.level_dimensions)
+            self.level_downsamples = tuple(float(d) for d in handle.level_downsamples)
+            value = handle.properties.get("tiffslide.mpp-x")
+        except Exception as exc:  # tiffslide parses lazily: a TIFF header over garbage fails here, not on open
+            self.close()
+            raise self._unreadable(exc) from exc
         mpp = self.mpp_override
         if mpp is None:
-            value = handle.properties.get("tiffslide.mpp-x")
             mpp = float(value) if value not in (None, "") else None
         if mpp is None or not math.isfinite(mpp) or mpp <= 0:
             raise SlideReadError(f"slide {self.slide_id}: {self.path.name} has no microns-per-pixel in its "
@@ -89,9 +93,12 @@ class WholeSlide:
             try:
                 self._handle = tiffslide.TiffSlide(self.path)
             except Exception as exc:  # tiffslide/tifffile raise many types for a bad file
-                raise SlideReadError(f"slide {self.slide_id}: {self.path.name} is not a readable whole-slide "
-                                     f"image ({type(exc).__name__}: {exc})") from exc
+                raise self._unreadable(exc) from exc
         return self._handle
+
+    def _unreadable(self, exc: Exception) -> SlideReadError:
+        return SlideReadError(f"slide {self.slide_id}: {self.path.name} is not a readable whole-slide "
+                              f"image ({type(exc).__name__}: {exc})")
 
     def close(self) -> None:
         self._cache.clear()

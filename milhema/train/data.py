@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,10 @@ from milhema.bags import Bag, open_bag, read_bag_attrs, read_open_bag
 from milhema.data.manifest import Cohort
 from milhema.errors import BagError
 from milhema.train.distributed import Ranks, shard
+
+
+class EmptyBagWarning(UserWarning):
+    """Patients whose slides yielded no cells take part with their CBC only."""
 
 
 @dataclass
@@ -123,12 +128,15 @@ def inspect_bags(cohort: Cohort, bags: Path, patient_ids: Sequence[str],
     """Check that every slide of the patients has a bag and all bags share backbone and size."""
     info: BagInfo | None = None
     first = ""
+    empty = []
     for pid in patient_ids:
+        cells = 0
         for slide in cohort.slides_of(pid):
             path = bags / f"{slide.slide_id}.h5"
             if not path.exists():
                 raise BagError(f"slide {slide.slide_id}: no bag file in {bags} (run milhema embed first)")
             attrs = read_bag_attrs(path)
+            cells += int(attrs["n_cells"])
             columns = block_columns(attrs, feature_blocks, f"slide {slide.slide_id}")
             here = BagInfo(str(attrs.get("backbone", "unknown")), str(attrs.get("weights_sha256", "none")),
                            len(columns) if columns is not None else int(attrs["feature_dim"]), columns)
@@ -137,8 +145,14 @@ def inspect_bags(cohort: Cohort, bags: Path, patient_ids: Sequence[str],
             elif here != info:
                 raise BagError(f"slide {slide.slide_id}: bag made with {here.backbone} ({here.feature_dim} features) "
                                f"but slide {first} with {info.backbone} ({info.feature_dim}); re-embed one of them")
+        if cells == 0:
+            empty.append(pid)
     if info is None:
         raise BagError(f"no slides to train on in {bags}")
+    if empty:
+        warnings.warn(f"{len(empty)} patient{'s' if len(empty) > 1 else ''} without any cell in their bags "
+                      f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}): their predictions rest on "
+                      "the CBC alone", EmptyBagWarning, stacklevel=2)
     return info
 
 

@@ -34,10 +34,11 @@ def run_config(run: Path) -> dict[str, Any]:
         raise MilhemaError(f"{run} is not a milhema run folder (no config.yaml); pass the --out of train or cv")
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:  # safe_load also refuses python/object tags: never runs code
-        raise MilhemaError(f"{path}: cannot read the run's config ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(config, dict):
-        raise MilhemaError(f"{path}: not a milhema run config")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise MilhemaError(f"{path}: cannot be read as the run's config ({type(exc).__name__}); "
+                           "restore it from the run, or train again") from exc
+    if not isinstance(config, dict) or not isinstance(config.get("data"), dict):
+        raise MilhemaError(f"{path}: not a milhema run config (no 'data' section); restore it, or train again")
     return config
 
 
