@@ -17,6 +17,7 @@ import numpy as np
 from milhema.config import default_config
 from milhema.data.manifest import load_cohort
 from milhema.embed.pipeline import EmbedOptions, embed_cohort
+from milhema.explain.run import run_explain
 from milhema.io import write_text
 from milhema.synth.cohort import synthesize_cohort
 from milhema.tracking import offline_runs
@@ -49,7 +50,7 @@ def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None,
     # weights; the MIL model reads the morphology block of the bags (data.feature_blocks).
     data["feature_blocks"] = ["morphology"]
 
-    print(f"[1/3] simulated cohort: {s.patients} patients (AML, MDS, VEXAS, reactive), seed {s.seed}")
+    print(f"[1/4] simulated cohort: {s.patients} patients (AML, MDS, VEXAS, reactive), seed {s.seed}")
     if _same_cohort(cohort_dir, s):
         print(f"      reusing {cohort_dir}")
     else:
@@ -58,13 +59,13 @@ def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None,
     n_cells = sum(len(list(sl.source.glob("*.png"))) for sl in cohort.slides)
     print(f"      {len(cohort.patients)} patients, {len(cohort.slides)} slides, {n_cells} cells")
 
-    print(f"[2/3] embedding with {s.backbone} (random weights: no pretrained file is bundled) "
+    print(f"[2/4] embedding with {s.backbone} (random weights: no pretrained file is bundled) "
           f"+ morphology features, input {s.input_size} px")
     report = embed_cohort(cohort, bags_dir, EmbedOptions(backbone=s.backbone, pretrained=False, morphology=True,
                                                          input_size=s.input_size, progress=progress))
     print(f"      {report.summary()}")
 
-    print(f"[3/3] {s.folds}-fold patient-grouped cross-validation: ABMIL + CBC fusion and baselines "
+    print(f"[3/4] {s.folds}-fold patient-grouped cross-validation: ABMIL + CBC fusion and baselines "
           "(on the morphology features)")
     config["cv"]["folds"] = s.folds
     config["train"]["seed"] = s.seed
@@ -88,6 +89,13 @@ def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None,
     for folder in offline_runs(out / "run"):
         print(f"W&B offline run: wandb sync {folder}")
     write_text(out / "demo_metrics.json", json.dumps(results, indent=2) + "\n")
+
+    patient = next((p for p in ids if cohort.patients[p].label == cohort.classes[0]), ids[0])
+    print(f"\n[4/4] patient report for {patient} ({cohort.patients[patient].label}): attention over its cells, "
+          "galleries, CBC flags")
+    run_explain(out / "run", cohort, bags_dir, out / "explain", patients=[patient], overwrite=True,
+                progress=progress)
+    print(f"      open {out / 'explain' / patient / 'report.html'} in a browser")
     print(f"\ndone in {time.perf_counter() - started:.0f} s; metrics in {out / 'demo_metrics.json'}")
     return results
 

@@ -58,6 +58,9 @@ def test_demo_end_to_end_small(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert lo <= metrics["macro_auroc"]["mean"] <= hi
         assert sum(map(sum, metrics["confusion_matrix"])) == 12
     assert json.loads((tmp_path / "demo" / "demo_metrics.json").read_text()).keys() == results.keys()
+    (report_line,) = [line for line in printed.splitlines() if line.strip().startswith("open ")]
+    report = Path(report_line.split()[1])
+    assert report.is_file() and report.name == "report.html" and "<img" in report.read_text()
     rerun = run_demo(tmp_path / "demo", settings, progress=False)  # reuses cohort and bags
     assert "reusing" in capsys.readouterr().out
     assert rerun["CBC only"]["balanced_accuracy"] == results["CBC only"]["balanced_accuracy"]
