@@ -124,17 +124,25 @@ def summarise_repeats(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], 
     """Metrics of out-of-fold probabilities ``[R, P, K]`` from R repeats of cross-validation.
 
     With one repeat this is :func:`classification_metrics`. With several, each summary metric's
-    ``mean`` and ``std`` are over the repeats' point estimates, and ``ci95`` is the bootstrap
-    interval of the repeat-averaged probabilities.
+    ``mean`` is the average of the repeats' point estimates, ``std`` their spread, and ``ci95``
+    the bootstrap interval of that same average (each resample of patients scored in every
+    repeat), so the interval always describes the number it brackets. The confusion matrix and
+    per-class scores are those of the repeat-averaged probabilities.
     """
+    probs = np.asarray(probs, dtype=float)
     averaged = classification_metrics(y, probs.mean(axis=0), classes, n_boot=n_boot, seed=seed)
     if len(probs) == 1:
         return averaged
+    y = np.asarray(y)
+    k = len(classes)
     for name in SUMMARY_METRICS:
-        values = [_point(name, y, p, len(classes)) for p in probs]
-        averaged[name]["mean"] = float(np.mean(values))
-        averaged[name]["std"] = float(np.std(values))
-        averaged[name]["per_repeat"] = values
+        with warnings.catch_warnings():  # a small cohort may never predict some class: expected
+            warnings.simplefilter("ignore")
+            values = [_point(name, y, p, k) for p in probs]
+        _, ci = bootstrap(lambda idx, name=name: float(np.mean([_point(name, y[idx], p[idx], k) for p in probs])),
+                          len(y), n_boot, seed)
+        averaged[name] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "ci95": ci,
+                          "per_repeat": values}
     return averaged
 
 
