@@ -26,6 +26,7 @@ from milhema.train.survival import (
     SurvivalHead,
     bin_index,
     concordance,
+    concordance_summary,
     cox_loss,
     discrete_time_nll,
     time_bin_edges,
@@ -206,3 +207,17 @@ def test_survival_config_and_follow_up_errors(tmp_path: Path) -> None:
     cohort = load_cohort(cohort_dir, config["data"]["classes"], config["data"]["cbc_columns"])
     with pytest.raises(MilhemaError, match="survival needs follow-up"):
         run_cv(config, cohort, bags, tmp_path / "run", progress=False)
+
+
+def test_concordance_over_repeats_is_the_mean_with_its_own_interval() -> None:
+    rng = np.random.default_rng(3)
+    time = rng.exponential(10.0, 80)
+    event = (rng.random(80) < 0.7).astype(float)
+    good, noise = -time + rng.normal(0, 2, 80), rng.normal(size=80)
+    one = concordance_summary(time, event, good, n_boot=200)
+    assert "per_repeat" not in one and one["mean"] == pytest.approx(concordance(time, event, good))
+    both = concordance_summary(time, event, np.stack([good, noise]), n_boot=200)
+    assert both["per_repeat"] == pytest.approx([concordance(time, event, good), concordance(time, event, noise)])
+    assert both["mean"] == pytest.approx(np.mean(both["per_repeat"]))
+    lo, hi = both["ci95"]
+    assert lo <= both["mean"] <= hi and hi < one["ci95"][0]  # the noisy repeat pulls the whole interval down

@@ -181,23 +181,21 @@ def _survival_metrics(time_: np.ndarray, event: np.ndarray, risk: np.ndarray, cb
     Risks of different fold models are not on one scale, so each fold's risks are turned into
     within-fold percentiles before the pooled c-index (a common, conservative choice).
     """
-    repeats = risk.shape[0]
-    per_repeat = [concordance_summary(time_, event, risk[r], seed=seed + r) for r in range(repeats)]
-    cbc = [concordance_summary(time_, event, cbc_risk[r], seed=seed + r) for r in range(repeats)]
+    model = _over_repeats(concordance_summary(time_, event, risk, seed=seed))
+    cbc = _over_repeats(concordance_summary(time_, event, cbc_risk, seed=seed))
     p_value = kaplan_meier_plot(time_, event, risk[0], folder / "km_risk_groups.png")
     return {
-        "c_index": _mean_summary(per_repeat), "logrank_p": p_value,
+        "c_index": model, "logrank_p": p_value,
         "risk_groups": "tertiles of out-of-fold risk (repeat 0); curves in km_risk_groups.png",
-        "n_patients": per_repeat[0]["n"], "events": per_repeat[0]["events"],
-        "baselines": {"cbc_cox": {"c_index": _mean_summary(cbc)}},
+        "n_patients": model.pop("n"), "events": model.pop("events"),
+        "baselines": {"cbc_cox": {"c_index": {k: v for k, v in cbc.items() if k not in ("n", "events")}}},
     }
 
 
-def _mean_summary(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    first = summaries[0]
-    return {"mean": float(np.mean([s["mean"] for s in summaries])),
-            "std": float(np.std([s["mean"] for s in summaries])) if len(summaries) > 1 else None,
-            "ci95": first["ci95"], "per_repeat": [s["mean"] for s in summaries]}
+def _over_repeats(summary: dict[str, Any]) -> dict[str, Any]:
+    """A c-index summary with ``std`` (spread over repeats; None for one) and ``per_repeat`` always present."""
+    values = summary.pop("per_repeat", [summary["mean"]])
+    return {**summary, "std": float(np.std(values)) if len(values) > 1 else None, "per_repeat": values}
 
 
 def _occlusion_scores(model: PatientModel, bag: PatientBag, target: int, device: torch.device) -> np.ndarray:

@@ -120,19 +120,28 @@ def concordance(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
 
 def concordance_summary(time: np.ndarray, event: np.ndarray, risk: np.ndarray, *, n_boot: int = 500,
                         seed: int = 0) -> dict[str, object]:
-    """C-index with a patient-bootstrap 95 % CI: ``{"mean", "ci95": [lo, hi], "n", "events"}``."""
-    keep = np.isfinite(time) & np.isfinite(risk)
-    t, e, r = time[keep], event[keep], risk[keep]
-    value = concordance(t, e, r)
+    """C-index with a patient-bootstrap 95 % CI: ``{"mean", "ci95": [lo, hi], "n", "events"}``.
+
+    ``risk`` is ``[P]``, or ``[R, P]`` for R repeats of out-of-fold risks: then ``mean`` is the
+    mean c-index over the repeats, ``ci95`` the bootstrap interval of that mean (each resample of
+    patients scored in every repeat) and ``per_repeat`` the repeats' values.
+    """
+    risks = np.atleast_2d(np.asarray(risk, dtype=float))
+    keep = np.isfinite(time) & np.isfinite(risks).all(axis=0)
+    t, e, rs = time[keep], event[keep], risks[:, keep]
+    values = [concordance(t, e, r) for r in rs]
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(n_boot if len(t) >= 2 else 0):
         idx = rng.integers(0, len(t), len(t))
-        c = concordance(t[idx], e[idx], r[idx])
+        c = float(np.mean([concordance(t[idx], e[idx], r[idx]) for r in rs]))
         if not math.isnan(c):
             boots.append(c)
     ci = [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))] if boots else [math.nan, math.nan]
-    return {"mean": value, "ci95": ci, "n": int(len(t)), "events": int(e.sum())}
+    out: dict[str, object] = {"mean": float(np.mean(values)), "ci95": ci, "n": int(len(t)), "events": int(e.sum())}
+    if len(rs) > 1:
+        out["per_repeat"] = values
+    return out
 
 
 def risk_groups(risk: np.ndarray, n_groups: int = 3) -> np.ndarray:
