@@ -13,7 +13,7 @@ from milhema.config import load_config
 from milhema.data import load_cohort
 from milhema.errors import MilhemaError
 from milhema.train.checkpoint import CheckpointError, load_checkpoint
-from milhema.train.data import BagStore, bucketed_batches, collate
+from milhema.train.data import BagStore, TrainingBags, bucketed_batches, collate
 from milhema.train.inputs import CBCEncoder, FeatureNorm
 from milhema.train.loop import batch_hard_triplet, predict
 from milhema.train.predict import run_predict
@@ -100,7 +100,7 @@ def test_collate_pads_masks_and_subsamples(planted) -> None:
     assert batch.mask.sum(1).tolist() == lengths
     assert (batch.x[~batch.mask] == 0).all() and (batch.index[~batch.mask.numpy()] == -1).all()
     assert set(batch.view[1][batch.mask[1]].tolist()) == {0, 1}  # P01 has a PB and a BM slide
-    small = collate(items, max_cells=10, rng=np.random.default_rng(0))
+    small = collate([TrainingBags(items, 10, seed=0)[(0, i)] for i in range(len(items))])
     assert small.x.shape[1] == 10 and small.mask.all()
     seen = sorted(i for batch_idx in bucketed_batches(store.many(cohort.patient_ids).lengths, 5, np.random.default_rng(1))
                   for i in batch_idx)

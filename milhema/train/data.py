@@ -9,6 +9,7 @@ cohort larger than memory trains in bounded RAM; loader workers open the files l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -92,6 +93,8 @@ class BagInfo:
     weights_sha256: str
     feature_dim: int
     columns: tuple[int, ...] | None = None
+    # Cells per patient, read from the files' shapes while checking them (not part of the identity).
+    n_cells: Mapping[str, int] = field(default_factory=dict, compare=False)
 
 
 def block_columns(attrs: Mapping[str, object], wanted: Sequence[str] | None, where: str) -> tuple[int, ...] | None:
@@ -128,7 +131,7 @@ def inspect_bags(cohort: Cohort, bags: Path, patient_ids: Sequence[str],
     """Check that every slide of the patients has a bag and all bags share backbone and size."""
     info: BagInfo | None = None
     first = ""
-    empty = []
+    counts: dict[str, int] = {}
     for pid in patient_ids:
         cells = 0
         for slide in cohort.slides_of(pid):
@@ -145,15 +148,15 @@ def inspect_bags(cohort: Cohort, bags: Path, patient_ids: Sequence[str],
             elif here != info:
                 raise BagError(f"slide {slide.slide_id}: bag made with {here.backbone} ({here.feature_dim} features) "
                                f"but slide {first} with {info.backbone} ({info.feature_dim}); re-embed one of them")
-        if cells == 0:
-            empty.append(pid)
+        counts[pid] = cells
     if info is None:
         raise BagError(f"no slides to train on in {bags}")
+    empty = [pid for pid, n in counts.items() if n == 0]
     if empty:
         warnings.warn(f"{len(empty)} patient{'s' if len(empty) > 1 else ''} without any cell in their bags "
                       f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}): their predictions rest on "
                       "the CBC alone", EmptyBagWarning, stacklevel=2)
-    return info
+    return dataclasses.replace(info, n_cells=counts)
 
 
 class BagStore:
@@ -166,7 +169,8 @@ class BagStore:
     """
 
     def __init__(self, cohort: Cohort, bags: str | Path, views: Sequence[str], cache: bool = True,
-                 columns: Sequence[int] | None = None, max_open: int = 64) -> None:
+                 columns: Sequence[int] | None = None, max_open: int = 64,
+                 n_cells: Mapping[str, int] | None = None) -> None:
         self.cohort = cohort
         self.bags = Path(bags)
         self.views = list(views)
@@ -174,7 +178,7 @@ class BagStore:
         self.columns = None if columns is None else np.asarray(columns)
         self.max_open = max_open
         self._cached: dict[str, PatientBag] = {}
-        self._n_cells: dict[str, int] = {}
+        self._n_cells: dict[str, int] = dict(n_cells or {})  # known counts spare re-reading the files
         self._files: OrderedDict[Path, h5py.File] = OrderedDict()
         self._pid = os.getpid()
 
@@ -333,18 +337,9 @@ class Batch:
                      self.index, self.time.to(device, **move), self.event.to(device, **move))
 
 
-def collate(bags: Sequence[PatientBag], max_cells: int | None = None,
-            rng: np.random.Generator | None = None) -> Batch:
-    """Pad bags to the longest one; subsample bags longer than ``max_cells`` (training only)."""
-    picks = []
-    for bag in bags:
-        n = bag.n_cells
-        if max_cells is not None and n > max_cells:
-            generator = rng if rng is not None else np.random.default_rng(0)
-            picks.append(np.sort(generator.choice(n, max_cells, replace=False)))
-        else:
-            picks.append(np.arange(n))
-    width = max(1, max(len(p) for p in picks))
+def collate(bags: Sequence[PatientBag]) -> Batch:
+    """Pad bags to the longest one (training subsamples them first: :class:`TrainingBags`)."""
+    width = max(1, max(bag.n_cells for bag in bags))
     dim = bags[0].features.shape[1]
     b = len(bags)
     x = np.zeros((b, width, dim), np.float32)
@@ -352,13 +347,13 @@ def collate(bags: Sequence[PatientBag], max_cells: int | None = None,
     coords = np.full((b, width, 2), np.nan, np.float32)
     view = np.zeros((b, width), np.int64)
     index = np.full((b, width), -1, np.int64)
-    for i, (bag, pick) in enumerate(zip(bags, picks, strict=True)):
-        n = len(pick)
-        x[i, :n] = bag.features[pick]
+    for i, bag in enumerate(bags):
+        n = bag.n_cells
+        x[i, :n] = bag.features
         mask[i, :n] = True
-        coords[i, :n] = bag.coords[pick]
-        view[i, :n] = bag.view_index[pick]
-        index[i, :n] = pick
+        coords[i, :n] = bag.coords
+        view[i, :n] = bag.view_index
+        index[i, :n] = np.arange(n)
     return Batch(torch.from_numpy(x), torch.from_numpy(mask), torch.from_numpy(np.stack([bag.cbc for bag in bags])),
                  torch.from_numpy(coords), torch.from_numpy(view),
                  torch.tensor([bag.label for bag in bags], dtype=torch.long), index,

@@ -97,7 +97,8 @@ def load_run(run: str | Path, cohort: Cohort, bags: str | Path, patient_ids: Seq
     for (_, meta), stem in zip(models, stems, strict=True):
         check_compatible(meta, info, f"{run.name}/checkpoints/{stem.name}")
     classes = models[0][1]["spec"]["classes"]
-    store = BagStore(cohort, bags, models[0][1]["spec"]["views"], cache=True, columns=info.columns)
+    store = BagStore(cohort, bags, models[0][1]["spec"]["views"], cache=True, columns=info.columns,
+                     n_cells=info.n_cells)
     return LoadedRun(run, config, models, classes, store, info)
 
 

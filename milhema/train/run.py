@@ -169,7 +169,8 @@ def _prepare(config: Mapping[str, Any], cohort: Cohort, bags: Path) -> tuple[Bag
                                f"patients.csv and {events} had the event (at least 4 and 2)")
     info = inspect_bags(cohort, bags, ids, config["data"]["feature_blocks"])
     views = resolve_views(cohort, config["data"]["views"])
-    store = BagStore(cohort, bags, views, cache=config["data"]["cache"], columns=info.columns)
+    store = BagStore(cohort, bags, views, cache=config["data"]["cache"], columns=info.columns,
+                     n_cells=info.n_cells)
     spec = model_spec(config, info.feature_dim, cohort.classes, cohort.cbc_columns, views)
     return store, info, spec, ids
 
@@ -317,7 +318,8 @@ def run_cv(config: Mapping[str, Any], cohort: Cohort, bags: str | Path, out: str
                                     {"bags": _bag_meta(info), "repeat": r, "fold": k, "test_patients": test_ids,
                                      "train_patients": inner_train, "val_patients": val})
                     folds_done.finish(split)
-                test_bags = store.many(test_ids)
+                # Read once: the patient and slide predictions and the cell scores all use them.
+                test_bags = list(store.many(test_ids))
                 result = predict_patients(model, test_bags, t["batch_size"], device, t["amp"], ranks)
                 for j, pid in enumerate(result.patient_ids):
                     patient_probs[r, position[pid]] = result.patient.probs[j]
