@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from milhema import __version__
-from milhema.errors import BagError
+from milhema.errors import BagError, first_line
 
 FORMAT = "milhema-bag"
 FORMAT_VERSION = 1
@@ -358,7 +358,7 @@ def _guarded(path: Path, read: Callable[[], T]) -> T:
     except BagError:
         raise
     except _DAMAGED as exc:
-        raise BagError(f"slide {path.stem}: bag file {path.name} is damaged ({_first_line(exc)}); "
+        raise BagError(f"slide {path.stem}: bag file {path.name} is damaged ({first_line(exc)}); "
                        "re-run embed to rebuild it") from exc
 
 
@@ -466,10 +466,6 @@ def _int_attr(f: h5py.File, name: str, where: str) -> int:
         raise BagError(f"{where}: attribute {name} must be a whole number, got {value!r}")
     return int(value)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _plain(value: Any) -> Any:

@@ -13,13 +13,14 @@ import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from milhema import __version__
 from milhema.errors import MilhemaError
 
 if TYPE_CHECKING:
     from milhema.data.manifest import Cohort
+    from milhema.settings import Settings
 
 EXIT_BAD_INPUT = 2
 
@@ -40,8 +41,8 @@ def _embed(args: argparse.Namespace) -> int:
     from milhema.data.manifest import load_cohort
     from milhema.embed.pipeline import EmbedOptions, embed_cohort, parse_shard
 
-    config = load_config(args.config, args.set)
-    cohort = load_cohort(args.cohort, config["data"]["classes"], ())
+    settings = load_config(args.config, args.set)
+    cohort = load_cohort(args.cohort, settings.data.classes, ())
     options = EmbedOptions(
         backbone=args.backbone, weights=args.weights, pretrained=not args.no_pretrained, morphology=args.morphology,
         input_size=args.input_size, device=args.device, batch_size=args.batch_size, workers=args.workers,
@@ -53,22 +54,21 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_for_training(args: argparse.Namespace, extra: list[str]) -> tuple[dict[str, Any], Cohort]:
+def _load_for_training(args: argparse.Namespace, extra: list[str]) -> tuple[Settings, Cohort]:
     from milhema.config import load_config
     from milhema.data.manifest import load_cohort
 
-    config = load_config(args.config, [*extra, *args.set])
-    data = config["data"]
-    return config, load_cohort(args.cohort, data["classes"], data["cbc_columns"])
+    settings = load_config(args.config, [*extra, *args.set])
+    return settings, load_cohort(args.cohort, settings.data.classes, settings.data.cbc_columns)
 
 
 def _train(args: argparse.Namespace) -> int:
     from milhema.train import distributed
     from milhema.train.run import run_train
 
-    config, cohort = _load_for_training(args, [])
+    settings, cohort = _load_for_training(args, [])
     with distributed.job():
-        metrics = run_train(config, cohort, args.bags, args.out, overwrite=args.overwrite, progress=not args.quiet)
+        metrics = run_train(settings, cohort, args.bags, args.out, overwrite=args.overwrite, progress=not args.quiet)
     if distributed.launched_rank() != 0:  # under torchrun, rank 0 reports
         return 0
     scores = []
@@ -84,16 +84,16 @@ def _train(args: argparse.Namespace) -> int:
 
 def _cv(args: argparse.Namespace) -> int:
     from milhema.train import distributed
+    from milhema.train.cv import run_cv
     from milhema.train.metrics import format_ci
-    from milhema.train.run import run_cv
 
     extra = [f"cv.folds={args.folds}"] if args.folds else []
     extra += [f"cv.repeats={args.repeats}"] if args.repeats else []
-    config, cohort = _load_for_training(args, extra)
+    settings, cohort = _load_for_training(args, extra)
     if args.resume and distributed.launched_rank() == 0:
         _print_resume_state(args.out)
     with distributed.job():
-        m = run_cv(config, cohort, args.bags, args.out, overwrite=args.overwrite, resume=args.resume,
+        m = run_cv(settings, cohort, args.bags, args.out, overwrite=args.overwrite, resume=args.resume,
                    progress=not args.quiet)
     if distributed.launched_rank() != 0:  # under torchrun, rank 0 reports
         return 0
@@ -130,10 +130,10 @@ def _print_sync_hint(run: Path) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     from milhema.data.manifest import load_cohort
-    from milhema.train.predict import run_config, run_predict
+    from milhema.train.predict import run_predict, run_settings
 
-    config = run_config(args.run)
-    cohort = load_cohort(args.cohort, config["data"]["classes"], config["data"]["cbc_columns"])
+    data = run_settings(args.run).data
+    cohort = load_cohort(args.cohort, data.classes, data.cbc_columns)
     run_predict(args.run, cohort, args.bags, args.out, ensemble=args.ensemble, overwrite=args.overwrite,
                 device=args.device)
     print(f"predictions for {len(cohort.patients)} patients in {args.out}")
@@ -143,10 +143,10 @@ def _predict(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from milhema.data.manifest import load_cohort
     from milhema.explain.run import run_explain
-    from milhema.train.predict import run_config
+    from milhema.train.predict import run_settings
 
-    config = run_config(args.run)
-    cohort = load_cohort(args.cohort, config["data"]["classes"], config["data"]["cbc_columns"])
+    data = run_settings(args.run).data
+    cohort = load_cohort(args.cohort, data.classes, data.cbc_columns)
     summary = run_explain(args.run, cohort, args.bags, args.out, patients=args.patient, method=args.method,
                           top_k=args.top_k, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
     print(f"explained {summary['n_patients']} patients ({args.method} scores) in {args.out}")
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-on-bad-image", action="store_true", help="stop at an unreadable crop instead of skipping it")
     p.add_argument("--crop-um", type=float, default=24.0,
                    help="side of the square cut around each detected cell of a scan, in µm (default 24)")
-    p.set_defaults(func=_embed)
+    p.set_defaults(func=_embed, on_interrupt="run the same command again: finished bags are kept")
 
     for name, text in (("train", "train one model, early stopping on an inner validation split"),
                        ("cv", "patient-grouped, label-stratified K-fold cross-validation")):
@@ -232,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true",
                            help="continue an interrupted run into --out from its finished folds (same config "
                                 "and cohort); a complete run is left as it is")
-        p.set_defaults(func=_cv if name == "cv" else _train)
+            # What a Ctrl-C says (see main): how to continue without losing finished work.
+            p.set_defaults(func=_cv, on_interrupt="run the same command with --resume to continue from the "
+                                                 "finished folds")
+        else:
+            p.set_defaults(func=_train)
 
     p = sub.add_parser("predict", parents=[common], help="predictions and per-cell scores from a train or cv run")
     p.add_argument("--run", required=True, type=Path, help="run folder of milhema train or cv")
@@ -280,10 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"milhema: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        hint = {"_cv": "; run the same command with --resume to continue from the finished folds",
-                "_embed": "; run the same command again: finished bags are kept"}.get(
-                    getattr(args.func, "__name__", ""), "")
-        print(f"milhema: interrupted{hint}", file=sys.stderr)
+        hint = getattr(args, "on_interrupt", None)
+        print(f"milhema: interrupted{f'; {hint}' if hint else ''}", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug, not bad input: say so on one line unless debugging
         if args.debug:

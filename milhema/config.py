@@ -1,29 +1,32 @@
 """Run configuration: defaults, YAML files, ``--set key=value`` overrides and validation.
 
-A config is a nested ``dict`` with the sections of :data:`DEFAULTS`. Files only need the keys
-they change. Unknown keys are refused with the closest valid key, so a typo never silently
-falls back to a default.
+A config file is a nested mapping with the sections of :data:`DEFAULTS`; files only need the keys
+they change. Unknown keys are refused with the closest valid key, so a typo never silently falls
+back to a default, and model parameters are checked against the chosen model. What passes becomes
+a typed, frozen :class:`~milhema.settings.Settings`.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from milhema.errors import ConfigError
+from milhema.errors import ConfigError, did_you_mean, first_line
+from milhema.models import FUSION_MODES, check_params, create_model, list_models
+from milhema.settings import Settings
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {
         # Class names in the order of the model's outputs; labels in patients.csv must be one of them.
         "classes": ["AML", "MDS", "VEXAS", "reactive"],
-        # CBC columns of patients.csv fed to models (units as in DOMAIN.md: G/L, g/dL, fL).
+        # CBC columns of patients.csv fed to models (units as in docs/DOMAIN.md: G/L, g/dL, fL).
         "cbc_columns": ["wbc", "hb", "mcv", "plt", "anc", "alc", "amc"],
         # Counts span orders of magnitude (WBC 0.5-300 G/L): these are log-transformed first.
         "cbc_log_columns": ["wbc", "plt", "anc", "alc", "amc"],
@@ -136,11 +139,11 @@ def default_config() -> dict[str, dict[str, Any]]:
     return copy.deepcopy(DEFAULTS)
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Settings:
     """Defaults, updated by the YAML file at ``path``, then by ``key.sub=value`` overrides.
 
     Raises:
-        ConfigError: unreadable file, unknown key, or a value of the wrong type.
+        ConfigError: unreadable file, unknown key, a value of the wrong type or an impossible one.
     """
     config = default_config()
     if path is not None:
@@ -154,17 +157,33 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         try:
             loaded = _load_yaml(text)
         except _YAML_ERRORS as exc:
-            raise ConfigError(f"config {path}: not valid YAML ({_first_line(exc)})") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, Mapping):
-            raise ConfigError(f"config {path}: expected a mapping of sections, got {type(loaded).__name__}")
-        merge_into(config, loaded, source=str(path))
+            raise ConfigError(f"config {path}: not valid YAML ({first_line(exc)})") from exc
+        merge_into(config, _sections(loaded, f"config {path}"), source=str(path))
     for item in overrides:
         key, value = parse_override(item)
         merge_into(config, _nest(key, value), source=f"--set {item}")
     validate_values(config)
-    return config
+    return Settings.from_dict(config)
+
+
+def settings_from_mapping(loaded: Any, source: str) -> Settings:
+    """Settings from an already parsed config (a run folder's ``config.yaml``): defaults, then ``loaded``.
+
+    Raises:
+        ConfigError: as :func:`load_config`, with ``source`` naming where the mapping came from.
+    """
+    config = default_config()
+    merge_into(config, _sections(loaded, source), source=source)
+    validate_values(config)
+    return Settings.from_dict(config)
+
+
+def _sections(loaded: Any, source: str) -> Mapping[str, Any]:
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(loaded).__name__}")
+    return loaded
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -177,7 +196,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     try:
         value = _load_yaml(raw) if raw.strip() else None
     except _YAML_ERRORS as exc:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML ({_first_line(exc)})") from exc
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({first_line(exc)})") from exc
     return key.strip(), value
 
 
@@ -196,10 +215,9 @@ def merge_into(config: dict[str, Any], update: Mapping[str, Any], *, source: str
             if section in _OPEN_SECTIONS:
                 config[key] = value
                 continue
-            hint = difflib.get_close_matches(key, list(config), n=1)
-            did_you_mean = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
             valid = ", ".join(sorted(config))
-            raise ConfigError(f"{source}: unknown key '{dotted}'{did_you_mean}; valid keys here: {valid}")
+            raise ConfigError(f"{source}: unknown key '{dotted}'{did_you_mean(key, config, prefix=prefix)}; "
+                              f"valid keys here: {valid}")
         current = config[key]
         if isinstance(current, dict):
             if not isinstance(value, Mapping):
@@ -257,7 +275,7 @@ def validate_values(config: Mapping[str, Any]) -> None:
     _validate_loss(config["loss"])
     _validate_train(config["train"])
     _at_least(config["cv"], "cv", {"occlusion_patients": 0, "folds": 2, "repeats": 1})
-    _check_model(config["model"], config["fusion"])
+    _check_model(config["model"], config["fusion"], config["data"])
     _validate_tracking(config["tracking"])
 
 
@@ -340,26 +358,29 @@ def _check_names(key: str, value: Any, *, allow_empty_list: bool, null_hint: boo
         raise ConfigError(f"{key} must be a list of non-empty names, e.g. [a, b]{alternative}, got {value!r}")
 
 
-def _check_model(model: Mapping[str, Any], fusion: Mapping[str, Any]) -> None:
-    """The model and fusion names, checked here so a typo fails before any bag is read."""
-    from milhema.models import FUSION_MODES, list_models  # torch: imported only when a config is validated
+def _check_model(model: Mapping[str, Any], fusion: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+    """The model, its parameters and the fusion mode, checked here so a typo fails before any bag is read.
 
+    The model is built once on a toy input size, so a value its constructor refuses (``k: 0``)
+    fails now too; the global random state is left as it was.
+    """
     name, mode = model["name"], fusion["mode"]
-    if name not in list_models():
-        raise ConfigError(f"model.name {name!r} is not one of {', '.join(list_models())}{_did_you_mean(name, list_models())}")
+    if not isinstance(name, str) or name not in list_models():
+        raise ConfigError(f"model.name {name!r} is not one of {', '.join(list_models())}"
+                          f"{did_you_mean(str(name), list_models(), cutoff=0.5)}")
     if mode not in FUSION_MODES:
         raise ConfigError(f"fusion.mode {mode!r} is not one of {', '.join(FUSION_MODES)}"
-                          f"{_did_you_mean(mode, list(FUSION_MODES))}")
+                          f"{did_you_mean(mode, FUSION_MODES, cutoff=0.5)}")
+    params = {k: v for k, v in model.items() if k != "name"}
+    check_params(name, params)
+    with torch.random.fork_rng(devices=[]):
+        create_model(name, in_dim=8, n_classes=len(data["classes"]), cbc_dim=4 if data["cbc_columns"] else 0,
+                     fusion=mode, **params)
 
 
-def _did_you_mean(value: str, choices: list[str]) -> str:
-    hint = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
-    return f" (did you mean {hint[0]!r}?)" if hint else ""
-
-
-def dump_config(config: Mapping[str, Any]) -> str:
-    """YAML text of a resolved config (as written to a run folder)."""
-    return yaml.safe_dump(dict(config), sort_keys=False)
+def dump_config(settings: Settings) -> str:
+    """YAML text of resolved settings (as written to a run folder's ``config.yaml``)."""
+    return yaml.safe_dump(settings.to_dict(), sort_keys=False)
 
 
 def _nest(dotted: str, value: Any) -> dict[str, Any]:
@@ -370,7 +391,3 @@ def _nest(dotted: str, value: Any) -> dict[str, Any]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     return out
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from milhema.config import default_config
+from milhema.config import load_config
 from milhema.data.manifest import load_cohort
 from milhema.embed.pipeline import EmbedOptions, embed_cohort
 from milhema.explain.run import run_explain
@@ -22,9 +22,9 @@ from milhema.io import write_text
 from milhema.synth.cohort import synthesize_cohort
 from milhema.tracking import offline_runs
 from milhema.train.baseline import cbc_design, cross_val_proba, mean_pooled_features, patient_folds
+from milhema.train.cv import run_cv
 from milhema.train.data import inspect_bags
 from milhema.train.metrics import classification_metrics, format_ci
-from milhema.train.run import run_cv
 
 
 @dataclass(frozen=True)
@@ -44,18 +44,18 @@ def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None,
     out = Path(out)
     cohort_dir, bags_dir = out / "cohort", out / "bags"
     started = time.perf_counter()
-    config = default_config()
-    data = config["data"]
     # No pretrained weights ship with milhema, so the demo's CNN features are from random
     # weights; the MIL model reads the morphology block of the bags (data.feature_blocks).
-    data["feature_blocks"] = ["morphology"]
+    settings = load_config(None, ["data.feature_blocks=[morphology]", f"cv.folds={s.folds}",
+                                  f"train.seed={s.seed}", f"train.epochs={s.epochs}"])
+    data = settings.data
 
     print(f"[1/4] simulated cohort: {s.patients} patients (AML, MDS, VEXAS, reactive), seed {s.seed}")
     if _same_cohort(cohort_dir, s):
         print(f"      reusing {cohort_dir}")
     else:
         synthesize_cohort(cohort_dir, s.patients, s.seed, cells_per_slide=s.cells_per_slide, progress=progress)
-    cohort = load_cohort(cohort_dir, data["classes"], data["cbc_columns"], require_labels=True)
+    cohort = load_cohort(cohort_dir, data.classes, data.cbc_columns, require_labels=True)
     n_cells = sum(len(list(sl.source.glob("*.png"))) for sl in cohort.slides)
     print(f"      {len(cohort.patients)} patients, {len(cohort.slides)} slides, {n_cells} cells")
 
@@ -67,16 +67,13 @@ def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None,
 
     print(f"[3/4] {s.folds}-fold patient-grouped cross-validation: ABMIL + CBC fusion and baselines "
           "(on the morphology features)")
-    config["cv"]["folds"] = s.folds
-    config["train"]["seed"] = s.seed
-    config["train"]["epochs"] = s.epochs
-    run = run_cv(config, cohort, bags_dir, out / "run", overwrite=True, progress=progress)
+    run = run_cv(settings, cohort, bags_dir, out / "run", overwrite=True, progress=progress)
     ids = cohort.patient_ids
     y = cohort.labels(ids)
     splits = patient_folds(y, s.folds, s.seed)  # the folds run_cv used (same seed)
     k = len(cohort.classes)
-    cbc = cbc_design(cohort, ids, data["cbc_log_columns"])
-    columns = inspect_bags(cohort, bags_dir, ids, data["feature_blocks"]).columns
+    cbc = cbc_design(cohort, ids, data.cbc_log_columns)
+    columns = inspect_bags(cohort, bags_dir, ids, data.feature_blocks).columns
     cells = mean_pooled_features(cohort, bags_dir, ids, columns)
     results = {
         "CBC only": run["baselines"]["cbc_only"]["patient"],

@@ -32,6 +32,7 @@ import numpy as np
 
 from milhema.errors import TrackingError, TrackingWarning
 from milhema.privacy import Pseudonymizer, load_or_create_salt, salt_path
+from milhema.settings import Settings
 
 _PRIVACY_RANK = {"online": 0, "offline": 1, "disabled": 2}
 # Lists of identifiers inside a checkpoint's JSON (milhema.train.checkpoint).
@@ -233,7 +234,7 @@ class Tracker:
             return None
 
 
-def start_tracker(config: Mapping[str, Any], run_folder: Path, *, name: str, job_type: str,
+def start_tracker(settings: Settings, run_folder: Path, *, name: str, job_type: str,
                   final_folder: Path | None = None, environ: Mapping[str, str] | None = None) -> Tracker:
     """Open the W&B run of a milhema run, or return an inactive tracker (disabled, or setup failed).
 
@@ -241,17 +242,17 @@ def start_tracker(config: Mapping[str, Any], run_folder: Path, *, name: str, job
     :func:`milhema.io.atomic_folder`); the W&B files go to ``<run_folder>/wandb/`` and move with
     it when it is renamed to ``final_folder``. ``name`` names the run (and the group by default).
     """
-    t = config["tracking"]
-    mode = effective_mode(t["mode"], environ)
+    t = settings.tracking
+    mode = effective_mode(t.mode, environ)
     if mode == "disabled":
         return Tracker()
     try:
-        pseudonym = Pseudonymizer(_salt(t, [run_folder, final_folder], environ) if t["pseudonymize"] else None)
+        pseudonym = Pseudonymizer(_salt(t.salt_file, [run_folder, final_folder], environ) if t.pseudonymize else None)
         import wandb  # lazily: importing wandb takes ~0.5 s and is not needed when tracking is off
 
         run = wandb.init(
-            mode=mode, project=t["project"], entity=t["entity"], group=t["group"] or name, job_type=job_type,
-            name=name, tags=list(t["tags"]), dir=str(run_folder), config=_plain(dict(config)),
+            mode=mode, project=t.project, entity=t.entity, group=t.group or name, job_type=job_type,
+            name=name, tags=list(t.tags), dir=str(run_folder), config=settings.to_dict(),
             reinit="create_new",  # never finish or reuse a run the caller has open
             settings=wandb.Settings(
                 silent=True, console="off",  # console output may name files and slides
@@ -264,12 +265,12 @@ def start_tracker(config: Mapping[str, Any], run_folder: Path, *, name: str, job
     except Exception as exc:  # wandb raises many types (usage, network, service, file system)
         _warn("starting the run", exc)
         return Tracker()
-    return Tracker(run, wandb, pseudonym=pseudonym, log_images=bool(t["log_images"]),
-                   log_checkpoint=bool(t["log_checkpoint"]), root=Path(run_folder))
+    return Tracker(run, wandb, pseudonym=pseudonym, log_images=t.log_images, log_checkpoint=t.log_checkpoint,
+                   root=Path(run_folder))
 
 
-def _salt(tracking: Mapping[str, Any], run_folders: Sequence[Path | None], environ: Mapping[str, str] | None) -> bytes:
-    path = salt_path(tracking["salt_file"], environ)
+def _salt(salt_file: str | None, run_folders: Sequence[Path | None], environ: Mapping[str, str] | None) -> bytes:
+    path = salt_path(salt_file, environ)
     resolved = path.resolve()
     for folder in run_folders:
         if folder is not None and resolved.is_relative_to(Path(folder).resolve()):

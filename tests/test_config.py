@@ -14,9 +14,9 @@ def test_defaults_file_and_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr: 0.001\ndata:\n  classes: [AML, MDS]\n")
     config = load_config(path, ["train.epochs=5", "fusion.mode=film"])
-    assert config["train"]["lr"] == 0.001 and config["train"]["epochs"] == 5
-    assert config["data"]["classes"] == ["AML", "MDS"] and config["fusion"]["mode"] == "film"
-    assert config["data"]["max_cells"] == DEFAULTS["data"]["max_cells"]
+    assert config.train.lr == 0.001 and config.train.epochs == 5
+    assert config.data.classes == ("AML", "MDS") and config.fusion.mode == "film"
+    assert config.data.max_cells == DEFAULTS["data"]["max_cells"]
     assert DEFAULTS == before  # defaults are never mutated
 
 
@@ -60,8 +60,16 @@ def test_invalid_values(override: str, message: str) -> None:
         load_config(None, [override])
 
 
-def test_model_section_accepts_family_parameters() -> None:
-    assert load_config(None, ["model.n_heads=4"])["model"]["n_heads"] == 4
+def test_model_parameters_are_checked_against_the_chosen_model_when_loaded() -> None:
+    assert load_config(None, ["model.name=transmil", "model.n_heads=4"]).model.params["n_heads"] == 4
+    with pytest.raises(ConfigError, match=r"model 'abmil' has no parameter 'n_heads'; valid parameters: attn_dim"):
+        load_config(None, ["model.n_heads=4"])  # abmil has no heads: refused before any bag is read
+    with pytest.raises(ConfigError, match=r"model 'graph' has no parameter 'kk' \(did you mean 'k'\?\)"):
+        load_config(None, ["model.name=graph", "model.kk=4"])
+    with pytest.raises(ConfigError, match=r"model 'graph': k must be a positive int, got 0"):
+        load_config(None, ["model.name=graph", "model.k=0"])  # a value the constructor refuses
+    with pytest.raises(ConfigError, match=r"model 'transmil': parameter 'n_heads' must be int"):
+        load_config(None, ["model.name=transmil", "model.n_heads=wide"])
 
 
 def test_bad_yaml_and_unsafe_tags_are_refused(tmp_path: Path) -> None:
@@ -75,7 +83,7 @@ def test_bad_yaml_and_unsafe_tags_are_refused(tmp_path: Path) -> None:
 
 
 def test_numbers_in_e_notation_and_duplicate_keys(tmp_path: Path) -> None:
-    assert load_config(None, ["train.lr=1e-3"])["train"]["lr"] == 0.001  # YAML 1.1 reads 1e-3 as text
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 0.001  # YAML 1.1 reads 1e-3 as text
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr: 1e-3\n  epochs: 5\n  epochs: 50\n")
     with pytest.raises(ConfigError, match=r"key 'epochs' appears twice \(line 4\)"):

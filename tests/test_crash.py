@@ -27,7 +27,7 @@ from milhema.config import load_config
 from milhema.data import load_cohort
 from milhema.io import atomic_folder, partial_folder
 from milhema.tracking import offline_runs
-from milhema.train.run import run_cv
+from milhema.train.cv import run_cv
 
 CV_CONFIG = "train: {epochs: 25, patience: 25, batch_size: 4}\ncv: {folds: 2, repeats: 2}\n"
 POLL_S = 0.02
@@ -101,7 +101,7 @@ def straight_cv(cv_args: list[str], tiny_cohort: Path, tiny_bags: Path,
     config = load_config(cv_args[2])
     out = tmp_path_factory.mktemp("straight") / "run"
     with one_thread():
-        run_cv(config, load_cohort(tiny_cohort, config["data"]["classes"], config["data"]["cbc_columns"]),
+        run_cv(config, load_cohort(tiny_cohort, config.data.classes, config.data.cbc_columns),
                tiny_bags, out, progress=False)
     return out
 

@@ -13,7 +13,6 @@ import pytest
 
 from milhema.bags import read_bag, write_bag
 from milhema.cli import main
-from milhema.explain import diagnostic_auroc
 
 CLASSES = ["reactive", "AML"]
 BASE = ["--set", "data.classes=[reactive, AML]", "--set", "data.cbc_columns=[wbc, hb]",
@@ -163,13 +162,6 @@ def test_occlusion_finds_the_planted_cell(trained_run: Path, planted: tuple[Path
     assert hits >= 6, f"planted cell ranked first by occlusion in only {hits} of 8 AML patients"
     assert summary["faithfulness"]["diagnostic_auroc"]["n_patients"] == 8
 
-
-def test_diagnostic_auroc() -> None:
-    result = diagnostic_auroc({"a": np.array([0.1, 0.9, 0.2]), "b": np.array([0.5, 0.4]), "c": np.array([1.0])},
-                              {"a": np.array([False, True, False]), "b": np.array([False, True]),
-                               "c": np.array([True])})
-    assert result == {"mean": 0.5, "median": 0.5, "n_patients": 2}
-    assert diagnostic_auroc({"a": np.ones(2)}, {"a": None})["n_patients"] == 0
 
 
 def test_explain_errors_are_one_line(cv_run: Path, planted: tuple[Path, Path], tmp_path: Path,

@@ -274,4 +274,4 @@ def test_extreme_values_are_refused_with_the_key() -> None:
         key = override.split("=")[0]
         with pytest.raises(MilhemaError, match=key.replace(".", r"\.")):
             load_config(None, [override])
-    assert math.isclose(load_config(None, ["train.lr=1e-3"])["train"]["lr"], 1e-3)
+    assert math.isclose(load_config(None, ["train.lr=1e-3"]).train.lr, 1e-3)

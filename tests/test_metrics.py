@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
-from milhema.train.metrics import _point, classification_metrics
+from milhema.train.metrics import _point, classification_metrics, diagnostic_auroc
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -67,3 +67,11 @@ def test_repeats_interval_brackets_the_mean_of_the_repeats() -> None:
         # an interval of the averaged probabilities would sit near 1.0, far above the 1/3 reported.
         assert lo - 0.02 <= out[name]["mean"] <= hi + 0.02, name
     assert np.trace(np.array(out["confusion_matrix"])) == n  # of the averaged probabilities
+
+
+def test_diagnostic_auroc() -> None:
+    result = diagnostic_auroc({"a": np.array([0.1, 0.9, 0.2]), "b": np.array([0.5, 0.4]), "c": np.array([1.0])},
+                              {"a": np.array([False, True, False]), "b": np.array([False, True]),
+                               "c": np.array([True])})
+    assert result == {"mean": 0.5, "median": 0.5, "n_patients": 2}
+    assert diagnostic_auroc({"a": np.ones(2)}, {"a": None})["n_patients"] == 0

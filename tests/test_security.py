@@ -98,7 +98,7 @@ def test_hostile_weights_for_embed_are_refused_and_never_run(name: str, kind: st
 def train_run(tiny_cohort: Path, tiny_bags: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = load_config(None, ["train.epochs=2", "tracking.mode=disabled"])
     out = tmp_path_factory.mktemp("security") / "run"
-    run_train(config, load_cohort(tiny_cohort, config["data"]["classes"], config["data"]["cbc_columns"]),
+    run_train(config, load_cohort(tiny_cohort, config.data.classes, config.data.cbc_columns),
               tiny_bags, out, progress=False)
     return out
 
@@ -160,7 +160,7 @@ def test_embed_needs_no_network_and_prints_no_identifier(no_network: list[str], 
         assert main(["embed", "--cohort", str(tiny_cohort), "--out", str(out), *EMBED_ARGS]) == 0
     assert no_network == []  # nothing even tried to connect
     printed = capsys.readouterr()
-    cohort = load_cohort(tiny_cohort, load_config()["data"]["classes"])
+    cohort = load_cohort(tiny_cohort, load_config().data.classes)
     for slide in cohort.slides:
         assert validate_bag(out / f"{slide.slide_id}.h5")["n_cells"] == read_bag(tiny_bags / f"{slide.slide_id}.h5").n_cells
     identifiers = [*cohort.patient_ids, *(s.slide_id for s in cohort.slides)]

@@ -21,7 +21,8 @@ from milhema.synth.composition import DiseaseState
 from milhema.synth.outcome import log_hazard_ratio, sample_follow_up
 from milhema.train.checkpoint import load_checkpoint
 from milhema.train.predict import run_predict
-from milhema.train.run import run_cv, run_train
+from milhema.train.cv import run_cv
+from milhema.train.run import run_train
 from milhema.train.survival import (
     SurvivalHead,
     bin_index,
@@ -152,7 +153,7 @@ def survival_cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
 def test_survival_cv_end_to_end(survival_cohort: tuple[Path, Path], tmp_path: Path) -> None:
     cohort_dir, bags = survival_cohort
     config = _config("loss.task=survival")
-    cohort = load_cohort(cohort_dir, config["data"]["classes"], config["data"]["cbc_columns"])
+    cohort = load_cohort(cohort_dir, config.data.classes, config.data.cbc_columns)
     metrics = run_cv(config, cohort, bags, tmp_path / "cox", progress=False)
     survival = metrics["survival"]
     assert metrics["task"] == "survival" and "patient" not in metrics
@@ -176,7 +177,7 @@ def test_multitask_discrete_run_and_checkpoint(survival_cohort: tuple[Path, Path
     cohort_dir, bags = survival_cohort
     config = _config("loss.task=[classification, survival]", "loss.survival=discrete", "loss.survival_bins=4",
                      "train.epochs=60", "train.patience=60")
-    cohort = load_cohort(cohort_dir, config["data"]["classes"], config["data"]["cbc_columns"])
+    cohort = load_cohort(cohort_dir, config.data.classes, config.data.cbc_columns)
     metrics = run_cv(config, cohort, bags, tmp_path / "multi", progress=False)
     assert metrics["task"] == ["classification", "survival"]
     assert metrics["n_patients"] == 48   # labelled patients; those without follow-up only skip the survival loss
@@ -204,7 +205,7 @@ def test_survival_config_and_follow_up_errors(tmp_path: Path) -> None:
     (cohort_dir / "patients.csv").write_text("\n".join(line.rsplit(",", 2)[0] + ",," if i else line
                                                        for i, line in enumerate(text)) + "\n")
     config = _config("loss.task=survival")
-    cohort = load_cohort(cohort_dir, config["data"]["classes"], config["data"]["cbc_columns"])
+    cohort = load_cohort(cohort_dir, config.data.classes, config.data.cbc_columns)
     with pytest.raises(MilhemaError, match="survival needs follow-up"):
         run_cv(config, cohort, bags, tmp_path / "run", progress=False)
 

@@ -26,7 +26,8 @@ from milhema.data import load_cohort
 from milhema.errors import ConfigError, TrackingError, TrackingWarning
 from milhema.privacy import Pseudonymizer, load_or_create_salt, salt_path
 from milhema.tracking import effective_mode, flatten_metrics, offline_runs, start_tracker
-from milhema.train.run import run_cv, run_train
+from milhema.train.cv import run_cv
+from milhema.train.run import run_train
 
 CLASSES = ["healthy", "disease"]
 REPO = Path(__file__).resolve().parents[1]
@@ -171,7 +172,7 @@ def test_no_raw_identifier_reaches_wandb(tracked_cv, cohort) -> None:
     assert raw_hits(out / "wandb", ids) == []
     staging = Path(os.environ["WANDB_DATA_DIR"])  # tables and artifact files wait here for `wandb sync`
     assert raw_hits(staging, ids) == []
-    salt_file = Path(config["tracking"]["salt_file"])
+    salt_file = Path(config.tracking.salt_file)
     assert stat.S_IMODE(salt_file.stat().st_mode) == 0o600
     assert raw_hits(out / "wandb", [salt_file.read_text().strip()]) == []
     # the predictions table holds the pseudonyms of exactly the cohort's patients
@@ -365,5 +366,5 @@ def test_sweep_runs_valid_milhema_commands(tmp_path: Path) -> None:
     args = build_parser().parse_args(printed)
     assert args.command == "cv" and args.out == Path("runs/sweep/abc123")
     config = load_config(REPO / args.config, args.set)
-    assert (config["model"]["name"], config["fusion"]["mode"]) == ("graph", "bilinear")
-    assert config["train"]["lr"] == pytest.approx(2e-4) and config["tracking"]["mode"] == "online"
+    assert (config.model.name, config.fusion.mode) == ("graph", "bilinear")
+    assert config.train.lr == pytest.approx(2e-4) and config.tracking.mode == "online"

@@ -17,7 +17,8 @@ from milhema.train.data import BagStore, TrainingBags, bucketed_batches, collate
 from milhema.train.inputs import CBCEncoder, FeatureNorm
 from milhema.train.loop import batch_hard_triplet, predict
 from milhema.train.predict import run_predict
-from milhema.train.run import run_cv, run_train
+from milhema.train.cv import run_cv
+from milhema.train.run import run_train
 
 CLASSES = ["healthy", "disease"]
 
@@ -63,7 +64,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def cv_run(planted, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     cohort_dir, bags = planted
     config = _config()
-    cohort = load_cohort(cohort_dir, config["data"]["classes"], config["data"]["cbc_columns"])
+    cohort = load_cohort(cohort_dir, config.data.classes, config.data.cbc_columns)
     out = tmp_path_factory.mktemp("runs") / "cv"
     return out, run_cv(config, cohort, bags, out, progress=False)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from milhema.config import load_config
 from milhema.data import load_cohort
+from milhema.train.cv import run_cv
 from milhema.train.metrics import format_ci
-from milhema.train.run import run_cv
 
 FAMILIES = ("abmil", "dsmil", "transmil", "multiview", "graph")
 
@@ -35,10 +35,10 @@ def main() -> None:
     lines = [header, "|---|---|---|---|---|---|---|"]
     print(header)
     for name in args.models:
-        config = load_config(args.configs / f"{name}.yaml", args.set)
-        cohort = load_cohort(args.cohort, config["data"]["classes"], config["data"]["cbc_columns"])
+        settings = load_config(args.configs / f"{name}.yaml", args.set)
+        cohort = load_cohort(args.cohort, settings.data.classes, settings.data.cbc_columns)
         started = time.perf_counter()
-        m = run_cv(config, cohort, args.bags, args.out / name, overwrite=True, progress=False)
+        m = run_cv(settings, cohort, args.bags, args.out / name, overwrite=True, progress=False)
         p, base = m["patient"], m["baselines"]["cbc_only"]["patient"]
         line = (f"| {name} | {m['fusion']} | {format_ci(p['balanced_accuracy'])} | {format_ci(p['macro_f1'])} | "
                 f"{format_ci(p['macro_auroc'])} | {format_ci(base['balanced_accuracy'])} | "

@@ -9,7 +9,6 @@ decimal commas (``12,5``) in that case.
 from __future__ import annotations
 
 import csv
-import difflib
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from milhema.errors import ManifestError
+from milhema.errors import ManifestError, closest, did_you_mean
 
 PATIENTS_FILE = "patients.csv"
 SLIDES_FILE = "slides.csv"
@@ -161,7 +160,7 @@ def _read_table(path: Path, required: Iterable[str]) -> tuple[list[str], list[tu
         raise ManifestError(f"{path.name} row 1: column {duplicated[0]!r} appears twice in the header")
     for column in required:
         if column not in header:
-            hint = difflib.get_close_matches(column, header, n=1)
+            hint = closest(column, header)
             found = ", ".join(header[:8]) + (", ..." if len(header) > 8 else "")
             extra = f" (found {hint[0]!r}; rename it)" if hint else f"; the header has {_shown(found)}"
             raise ManifestError(f"{path.name} row 1: required column {column!r} is missing{extra}")
@@ -217,7 +216,8 @@ def _read_patients(path: Path, classes: list[str], cbc_columns: list[str], requi
         if label is None and require_labels:
             raise ManifestError(f"{where}: patient {pid!r} has no label; training needs one of {', '.join(classes)}")
         if label is not None and label not in classes:
-            raise ManifestError(f"{where}: label {_shown(label)} is not one of {', '.join(classes)}{_suggest(label, classes)}")
+            raise ManifestError(f"{where}: label {_shown(label)} is not one of {', '.join(classes)}"
+                                f"{did_you_mean(label, classes, cutoff=0.5)}")
         cbc = {}
         for column in cbc_columns:
             value = _parse_number(row[column], decimal_comma=decimal_comma, where=where, what=f"{column}")
@@ -263,7 +263,7 @@ def _read_slides(path: Path, patients: dict[str, Patient], check_sources: bool) 
         pid = row["patient_id"]
         if pid not in patients:
             raise ManifestError(f"{where}: patient_id {_shown(pid)} of slide {sid!r} is not in {PATIENTS_FILE}"
-                                f"{_suggest(pid, list(patients))}")
+                                f"{did_you_mean(pid, patients, cutoff=0.5)}")
         source = _source_path(path.parent, row["source"], check_sources, where, sid)
         mpp = _optional_number(row, "mpp", decimal_comma, where)
         if mpp is not None and not 0.01 <= mpp <= 50:
@@ -296,12 +296,3 @@ def _shown(value: str, limit: int = 200) -> str:
     """``repr`` of a cell value, shortened so one bad cell cannot flood the error line."""
     return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} characters)"
 
-
-def _suggest(value: str, choices: list[str]) -> str:
-    if len(value) > 100:  # not a typo, and fuzzy matching a huge cell would be slow
-        return ""
-    lowered = {c.lower(): c for c in choices}
-    if value.lower() in lowered:
-        return f" (did you mean {lowered[value.lower()]!r}?)"
-    hint = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
-    return f" (did you mean {hint[0]!r}?)" if hint else ""

@@ -7,7 +7,6 @@ Weights come only from a local file (safetensors, or a PyTorch state dict read w
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import warnings
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from milhema.errors import EmbedError
+from milhema.errors import EmbedError, did_you_mean
 
 TIMM_PREFIX = "timm/"
 DEFAULT_BACKBONE = "timm/resnet18"
@@ -67,9 +66,8 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = Non
         raise EmbedError(f"backbone {name!r}: expected 'timm/<model name>', e.g. {DEFAULT_BACKBONE}")
     arch = name[len(TIMM_PREFIX):]
     if not timm.is_model(arch):
-        hint = difflib.get_close_matches(arch, timm.list_models(), n=3)
-        extra = f" (did you mean {', '.join(hint)}?)" if hint else ""
-        raise EmbedError(f"backbone {name!r} is not a timm model{extra}")
+        raise EmbedError(f"backbone {name!r} is not a timm model"
+                         f"{did_you_mean(arch, timm.list_models(), n=3, prefix=TIMM_PREFIX)}")
     if weights is None and pretrained:
         raise EmbedError(f"backbone {name}: give a local weights file with --weights FILE, or --no-pretrained "
                          "to use random weights (nothing is downloaded)")

@@ -24,12 +24,12 @@ from milhema.device import resolve_device
 from milhema.errors import MilhemaError
 from milhema.explain import figures
 from milhema.explain.cells import PatientCells, patient_cells
-from milhema.explain.faithfulness import diagnostic_auroc
 from milhema.explain.geojson import slide_geojson
 from milhema.explain.report import ReportContent, render_report
 from milhema.explain.scores import PatientScores, explain_scores
 from milhema.io import atomic_folder, check_new_folder, write_csv, write_text
 from milhema.slides.wsi import WholeSlide
+from milhema.train.metrics import diagnostic_auroc
 from milhema.train.outputs import rank_percentiles
 from milhema.train.predict import load_run
 
@@ -81,7 +81,7 @@ def run_explain(run: str | Path, cohort: Cohort, bags: str | Path, out: str | Pa
     scores = explain_scores(loaded, ids, resolve_device(device), method)
     classes = loaded.classes
     spec = loaded.models[0][1]["spec"]
-    cbc_columns = list(loaded.config["data"].get("cbc_columns") or [])
+    cbc_columns = list(loaded.settings.data.cbc_columns)
     date = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     all_features, all_pct, all_types, truth, by_patient = [], [], [], {}, {}
     any_types = False

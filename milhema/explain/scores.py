@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from milhema.errors import MilhemaError
-from milhema.train.data import Batch, PatientBag, collate
-from milhema.train.model import PatientModel
+from milhema.train.inference import occlusion
 from milhema.train.predict import LoadedRun, predict_run
 
 METHODS = ("attention", "occlusion")
@@ -61,30 +60,4 @@ def explain_scores(loaded: LoadedRun, patient_ids: Sequence[str], device: torch.
         per_class = sums[pid] / base.counts[pid]
         target = int(np.argmax(base.probs[pid]))
         out[pid] = PatientScores(base.probs[pid], per_class[:, target].copy(), per_class, base.counts[pid])
-    return out
-
-
-@torch.inference_mode()
-def occlusion(model: PatientModel, bag: PatientBag, device: torch.device, chunk: int = 64) -> np.ndarray:
-    """``[N, K]``: probability of each class with the whole bag minus without cell i.
-
-    Cell i is removed through the padding mask, so every model family (attention, transformer,
-    graph, mean-pool) sees a bag without it. ``chunk`` copies of the bag, each missing a different
-    cell, go through the model at once: memory ``chunk · N · D`` floats per forward pass.
-    """
-    n = bag.n_cells
-    batch = collate([bag]).to(device)
-    full = torch.softmax(model(batch).logits.float(), dim=1)[0]           # [K]
-    out = np.zeros((n, full.numel()), np.float64)
-    for start in range(0, n, chunk):
-        idx = torch.arange(start, min(n, start + chunk), device=device)
-        c = len(idx)
-        mask = batch.mask.expand(c, -1).clone()
-        mask[torch.arange(c, device=device), idx] = False                   # copy j lacks cell start + j
-        copies = Batch(batch.x.expand(c, -1, -1).contiguous(), mask, batch.cbc.expand(c, -1).contiguous(),
-                       batch.coords.expand(c, -1, -1).contiguous(), batch.view.expand(c, -1).contiguous(),
-                       batch.y.expand(c).contiguous(), np.repeat(batch.index, c, axis=0),
-                       batch.time.expand(c).contiguous(), batch.event.expand(c).contiguous())
-        probs = torch.softmax(model(copies).logits.float(), dim=1)         # [c, K]
-        out[start:start + c] = (full[None] - probs).cpu().numpy()
     return out

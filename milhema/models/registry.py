@@ -6,12 +6,11 @@ in a config (``hiden_dim``) fails with the list of valid parameters instead of a
 
 from __future__ import annotations
 
-import difflib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from milhema.errors import ConfigError
+from milhema.errors import ConfigError, did_you_mean
 from milhema.models.base import MILModel
 
 _REGISTRY: dict[str, type[MILModel]] = {}
@@ -39,10 +38,6 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _suggest(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
 
 def model_params(name: str) -> dict[str, Any]:
     """The tunable parameters of model ``name`` with their defaults (excluding in_dim, n_classes, cbc_dim, fusion)."""
@@ -55,7 +50,7 @@ def model_params(name: str) -> dict[str, Any]:
 def _lookup(name: str) -> type[MILModel]:
     if name not in _REGISTRY:
         raise ConfigError(f"model {name!r} is not registered; available: {', '.join(list_models())}"
-                          f"{_suggest(str(name), list_models())}")
+                          f"{did_you_mean(str(name), list_models())}")
     return _REGISTRY[name]
 
 
@@ -78,6 +73,20 @@ def _check_type(model: str, param: str, value: Any, default: Any) -> None:
                           f"(default {default!r}), got {value!r}")
 
 
+def check_params(name: str, params: Mapping[str, Any]) -> None:
+    """Refuse a parameter model ``name`` does not have, or a value of the wrong type, before anything is built.
+
+    Raises:
+        ConfigError: unknown model or parameter (with the closest valid name), or a wrong type.
+    """
+    valid = model_params(name)
+    for key, value in params.items():
+        if key not in valid:
+            raise ConfigError(f"model {name!r} has no parameter {key!r}{did_you_mean(key, valid)}; "
+                              f"valid parameters: {', '.join(sorted(valid))}")
+        _check_type(name, key, value, valid[key])
+
+
 def create_model(name: str, *, in_dim: int, n_classes: int, cbc_dim: int = 0, fusion: str = "none",
                  **params: Any) -> MILModel:
     """Build registered model ``name``.
@@ -94,12 +103,7 @@ def create_model(name: str, *, in_dim: int, n_classes: int, cbc_dim: int = 0, fu
         ConfigError: unknown model, unknown parameter, or an invalid parameter value.
     """
     cls = _lookup(name)
-    valid = model_params(name)
-    for key, value in params.items():
-        if key not in valid:
-            raise ConfigError(f"model {name!r} has no parameter {key!r}{_suggest(key, list(valid))}; "
-                              f"valid parameters: {', '.join(sorted(valid))}")
-        _check_type(name, key, value, valid[key])
+    check_params(name, params)
     try:
         return cls(in_dim=in_dim, n_classes=n_classes, cbc_dim=cbc_dim, fusion=fusion, **params)
     except ConfigError as err:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,35 +18,19 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 from tqdm.auto import tqdm
 
+from milhema.settings import LossSettings, Settings
 from milhema.train import distributed
-from milhema.train.data import PatientBag, as_bags, bucketed_batches, collate, training_loader
+from milhema.train.data import PatientBag, as_bags, training_loader
 from milhema.train.distributed import Ranks
+from milhema.train.inference import predict
 from milhema.train.model import PatientModel
 from milhema.train.survival import concordance
 
 
-@dataclass
-class Prediction:
-    """Outputs for a list of bags, in input order.
-
-    ``cell_scores[i]`` is ``[n_i]`` for bag i; ``class_cell_scores[i]`` is ``[n_i, K]`` or None.
-    With a survival head, ``risk`` is ``[n]`` (higher = event sooner) and ``survival_out`` the head's
-    raw output ``[n, K]``; without one they are NaN and None.
-    """
-
-    probs: np.ndarray
-    cell_scores: list[np.ndarray]
-    class_cell_scores: list[np.ndarray | None]
-    risk: np.ndarray | None = None
-    survival_out: np.ndarray | None = None
-
-
-def task_weights(config: Mapping[str, Any], model: PatientModel) -> tuple[float, float]:
+def task_weights(loss: LossSettings, model: PatientModel) -> tuple[float, float]:
     """(classification, survival) loss weights; 0 for a task that is not learned."""
-    loss = config["loss"]
-    tasks = loss["task"]
-    cls_w = float(loss["classification_weight"]) if "classification" in tasks else 0.0
-    surv_w = float(loss["survival_weight"]) if "survival" in tasks and model.survival is not None else 0.0
+    cls_w = loss.classification_weight if loss.has_classification else 0.0
+    surv_w = loss.survival_weight if loss.has_survival and model.survival is not None else 0.0
     return cls_w, surv_w
 
 
@@ -93,7 +76,7 @@ def _schedule(total: int, warmup: int) -> Callable[[int], float]:
     return factor
 
 
-def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientBag], config: Mapping[str, Any], *,
+def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientBag], settings: Settings, *,
         device: torch.device, log: Callable[[dict[str, Any]], None] | None = None,
         progress: bool = False, desc: str = "train", ranks: Ranks | None = None) -> list[dict[str, Any]]:
     """Train ``model`` in place; on return it holds the weights of the best validation epoch.
@@ -105,26 +88,24 @@ def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientB
     Returns the per-epoch history (train/validation loss, validation balanced accuracy and
     c-index where they apply, lr).
     """
-    t = config["train"]
+    t, data = settings.train, settings.data
     ranks = ranks or Ranks()
-    n_classes = len(config["data"]["classes"])
-    torch.manual_seed(t["seed"])
+    torch.manual_seed(t.seed)
     model.to(device)
     train = as_bags(train)
-    weights = class_weights(train.labels, n_classes).to(device) if config["loss"]["class_weights"] else None
-    loader, sampler = training_loader(train, t["batch_size"], config["data"]["max_cells"], t["seed"], ranks=ranks,
-                                      workers=config["data"]["workers"], pin_memory=device.type == "cuda")
+    weights = class_weights(train.labels, len(data.classes)).to(device) if settings.loss.class_weights else None
+    loader, sampler = training_loader(train, t.batch_size, data.max_cells, t.seed, ranks=ranks,
+                                      workers=data.workers, pin_memory=device.type == "cuda")
     net = distributed.wrap(model, ranks, device)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+    optimiser = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     steps = len(sampler)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, _schedule(steps * t["epochs"], steps * t["warmup_epochs"]))
-    use_amp = bool(t["amp"]) and device.type == "cuda"
-    triplet = float(config["loss"]["triplet_weight"])
-    cls_w, surv_w = task_weights(config, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(steps * t.epochs, steps * t.warmup_epochs))
+    use_amp = t.amp and device.type == "cuda"
+    triplet = settings.loss.triplet_weight
+    cls_w, surv_w = task_weights(settings.loss, model)
     best_loss, best_state, stale = math.inf, copy.deepcopy(model.state_dict()), 0
     history = []
-    bar = tqdm(range(t["epochs"]), desc=desc, unit="epoch", disable=None if progress else True, leave=False)
+    bar = tqdm(range(t.epochs), desc=desc, unit="epoch", disable=None if progress else True, leave=False)
     for epoch in bar:
         model.train()
         sampler.epoch = epoch
@@ -138,14 +119,14 @@ def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientB
                     loss = loss + triplet * batch_hard_triplet(out.embedding.float(), batch.y)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             optimiser.step()
             scheduler.step()
             total += float(loss.detach()) * len(batch.y)
             seen += len(batch.y)
         if ranks.active:  # the mean training loss over all ranks' batches
             total, seen = map(sum, zip(*distributed.gather((total, seen), ranks), strict=True))
-        scores = evaluate(model, val, config, device=device, weights=weights, ranks=ranks)
+        scores = evaluate(model, val, settings, device=device, weights=weights, ranks=ranks)
         val_loss = scores["val_loss"]
         record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), **scores, "lr": scheduler.get_last_lr()[0]}
         history.append(record)
@@ -156,23 +137,22 @@ def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientB
             best_loss, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
         else:
             stale += 1
-            if stale >= t["patience"]:
+            if stale >= t.patience:
                 break
     model.load_state_dict(best_state)
     return history
 
 
 @torch.no_grad()
-def evaluate(model: PatientModel, bags: Sequence[PatientBag], config: Mapping[str, Any], *, device: torch.device,
+def evaluate(model: PatientModel, bags: Sequence[PatientBag], settings: Settings, *, device: torch.device,
              weights: torch.Tensor | None = None, ranks: Ranks | None = None) -> dict[str, float]:
     """Validation loss (the training objective on whole bags), balanced accuracy and c-index where
     they apply: ``{"val_loss", "val_balanced_accuracy"?, "val_c_index"?}``."""
-    cls_w, surv_w = task_weights(config, model)
+    cls_w, surv_w = task_weights(settings.loss, model)
     if not bags:
         return {"val_loss": math.nan}
     bags = as_bags(bags)
-    pred = predict(model, bags, config["train"]["batch_size"], device=device, amp=bool(config["train"]["amp"]),
-                   ranks=ranks)
+    pred = predict(model, bags, settings.train.batch_size, device=device, amp=settings.train.amp, ranks=ranks)
     y = torch.from_numpy(bags.labels)
     time = torch.from_numpy(bags.times).float()
     event = torch.from_numpy(bags.events).float()
@@ -192,43 +172,3 @@ def evaluate(model: PatientModel, bags: Sequence[PatientBag], config: Mapping[st
         loss = loss + surv_w * surv.cpu()
         scores["val_c_index"] = concordance(time.numpy().astype(float), event.numpy().astype(float), pred.risk)
     return {"val_loss": float(loss), **scores}
-
-
-@torch.no_grad()
-def predict(model: PatientModel, bags: Sequence[PatientBag], batch_size: int, *, device: torch.device,
-            amp: bool = True, ranks: Ranks | None = None) -> Prediction:
-    """Class probabilities and per-cell scores of whole bags (no subsampling).
-
-    With ``ranks`` of several processes each rank predicts every ``world``-th batch and the
-    results are gathered, so every rank returns the full :class:`Prediction`.
-    """
-    ranks = ranks or Ranks()
-    model.eval().to(device)
-    bags = as_bags(bags)
-    head = model.survival
-    use_amp = amp and device.type == "cuda"
-    mine: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None, float, np.ndarray | None]] = {}
-    for idx in distributed.shard_eval(list(bucketed_batches(bags.lengths, batch_size, None)), ranks):
-        batch = collate([bags[i] for i in idx]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            out = model(batch)
-        p = torch.softmax(out.logits.float(), dim=1).cpu().numpy()
-        scores = out.cell_scores.float().cpu().numpy()
-        cls = out.class_cell_scores.float().cpu().numpy() if out.class_cell_scores is not None else None
-        surv = out.survival.float() if head is not None else None
-        raw = surv.cpu().numpy() if surv is not None else None
-        risk = head.risk(surv).cpu().numpy() if head is not None and surv is not None else None
-        for row, i in enumerate(idx):
-            n = int(bags.lengths[i])
-            mine[i] = (p[row], scores[row, :n], None if cls is None else cls[row, :n],
-                       math.nan if risk is None else float(risk[row]), None if raw is None else raw[row])
-    results: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None, float, np.ndarray | None]] = {}
-    for part in distributed.gather(mine, ranks):
-        results |= part
-    n_classes = model.mil.n_classes
-    order = range(len(bags))
-    probs = np.array([results[i][0] for i in order], np.float64).reshape(len(bags), n_classes)
-    raw_out = (None if head is None else
-               np.array([results[i][4] for i in order], np.float64).reshape(len(bags), head.linear.out_features))
-    return Prediction(probs, [results[i][1] for i in order], [results[i][2] for i in order],
-                      np.array([results[i][3] for i in order], np.float64), raw_out)

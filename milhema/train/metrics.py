@@ -1,4 +1,5 @@
-"""Classification metrics with bootstrap confidence intervals over patients.
+"""Classification metrics with bootstrap confidence intervals over patients, and the faithfulness
+of cell scores (:func:`diagnostic_auroc`).
 
 Each metric is reported as ``{"mean": point estimate on all patients, "std": bootstrap standard
 deviation, "ci95": [2.5th, 97.5th bootstrap percentile]}``: patients are resampled with
@@ -8,7 +9,7 @@ replacement, ``n_boot`` times, with a fixed seed so reports are repeatable.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -150,3 +151,31 @@ def format_ci(metric: dict[str, Any]) -> str:
     """``0.83 [0.71, 0.92]``."""
     lo, hi = metric["ci95"]
     return f"{metric['mean']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def diagnostic_auroc(scores_per_patient: Mapping[str, np.ndarray],
+                     diagnostic_per_patient: Mapping[str, np.ndarray | None]) -> dict[str, float | int | None]:
+    """Per-patient AUROC of cell scores against the per-cell ``diagnostic`` truth.
+
+    Args:
+        scores_per_patient: patient id -> ``[N]`` cell scores (any scale; higher = more important).
+        diagnostic_per_patient: patient id -> ``[N]`` bool truth, or None when unknown.
+
+    Returns:
+        ``{"mean", "median", "n_patients"}`` over the patients that have both diagnostic and
+        non-diagnostic cells (AUROC is undefined otherwise); mean and median are None when no
+        patient qualifies.
+    """
+    values = []
+    for pid, scores in scores_per_patient.items():
+        truth = diagnostic_per_patient.get(pid)
+        if truth is None:
+            continue
+        truth = np.asarray(truth, bool)
+        scores = np.asarray(scores, float)
+        if len(truth) != len(scores) or truth.all() or not truth.any():
+            continue
+        values.append(float(roc_auc_score(truth, scores)))
+    if not values:
+        return {"mean": None, "median": None, "n_patients": 0}
+    return {"mean": float(np.mean(values)), "median": float(np.median(values)), "n_patients": len(values)}

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from milhema.models import MILModel, MILOutput, create_model
+from milhema.settings import Settings
 from milhema.train.data import Batch
 from milhema.train.inputs import CBCEncoder, FeatureNorm
 from milhema.train.survival import SurvivalHead
@@ -42,23 +43,23 @@ class PatientModel(nn.Module):
         return out
 
 
-def model_spec(config: Mapping[str, Any], in_dim: int, classes: Sequence[str], cbc_columns: Sequence[str],
+def model_spec(settings: Settings, in_dim: int, classes: Sequence[str], cbc_columns: Sequence[str],
                views: Sequence[str]) -> dict[str, Any]:
     """Everything needed to rebuild the architecture (stored in the checkpoint's JSON)."""
-    params = {k: v for k, v in config["model"].items() if k != "name"}
-    if config["model"]["name"] == "multiview":
+    params = dict(settings.model.params)
+    if settings.model.name == "multiview":
         params.setdefault("n_views", max(1, len(views)))
-    fusion = config["fusion"]["mode"]
+    fusion = settings.fusion.mode
+    loss = settings.loss
     return {
-        "model": config["model"]["name"], "params": params, "fusion": fusion, "in_dim": int(in_dim),
+        "model": settings.model.name, "params": params, "fusion": fusion, "in_dim": int(in_dim),
         "classes": list(classes), "views": list(views),
         "cbc_columns": list(cbc_columns) if fusion != "none" else [],
-        "cbc_log_columns": [c for c in config["data"]["cbc_log_columns"] if c in cbc_columns],
-        "standardize_features": bool(config["data"]["standardize_features"]),
-        "tasks": list(config["loss"]["task"]),
+        "cbc_log_columns": [c for c in settings.data.cbc_log_columns if c in cbc_columns],
+        "standardize_features": settings.data.standardize_features,
+        "tasks": list(loss.task),
         # Bin edges of a discrete-time head are added from the training patients (train_model).
-        "survival": {"kind": config["loss"]["survival"], "bins": int(config["loss"]["survival_bins"])}
-        if "survival" in config["loss"]["task"] else None,
+        "survival": {"kind": loss.survival, "bins": loss.survival_bins} if loss.has_survival else None,
     }
 
 

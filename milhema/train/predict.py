@@ -16,19 +16,22 @@ import numpy as np
 import torch
 import yaml
 
+from milhema.config import settings_from_mapping
 from milhema.data.manifest import Cohort
 from milhema.device import resolve_device
 from milhema.errors import MilhemaError
 from milhema.io import atomic_folder, check_new_folder, write_csv
+from milhema.settings import Settings
 from milhema.train.checkpoint import CheckpointError, check_compatible, load_checkpoint
 from milhema.train.data import BagInfo, BagStore, inspect_bags
+from milhema.train.inference import predict_patients
 from milhema.train.model import PatientModel
 from milhema.train.outputs import prediction_header, prediction_rows, write_cell_scores
-from milhema.train.run import predict_patients
 
 
-def run_config(run: Path) -> dict[str, Any]:
-    """The resolved config a run was trained with."""
+def run_settings(run: str | Path) -> Settings:
+    """The resolved settings a run was trained with (its ``config.yaml``; keys it lacks take today's defaults)."""
+    run = Path(run)
     path = run / "config.yaml"
     if not path.is_file():
         raise MilhemaError(f"{run} is not a milhema run folder (no config.yaml); pass the --out of train or cv")
@@ -39,7 +42,7 @@ def run_config(run: Path) -> dict[str, Any]:
                            "restore it from the run, or train again") from exc
     if not isinstance(config, dict) or not isinstance(config.get("data"), dict):
         raise MilhemaError(f"{path}: not a milhema run config (no 'data' section); restore it, or train again")
-    return config
+    return settings_from_mapping(config, f"run config {path}")
 
 
 @dataclass
@@ -51,7 +54,7 @@ class LoadedRun:
     """
 
     run: Path
-    config: dict[str, Any]
+    settings: Settings
     models: list[tuple[PatientModel, dict[str, Any]]]
     classes: list[str]
     store: BagStore
@@ -91,22 +94,21 @@ def load_run(run: str | Path, cohort: Cohort, bags: str | Path, patient_ids: Seq
     stems = sorted(p.with_suffix("") for p in (run / "checkpoints").glob("*.json"))
     if not stems:
         raise CheckpointError(f"{run}/checkpoints holds no checkpoint")
-    config = run_config(run)
-    info = inspect_bags(cohort, bags, patient_ids, config["data"].get("feature_blocks"))
+    settings = run_settings(run)
+    info = inspect_bags(cohort, bags, patient_ids, settings.data.feature_blocks)
     models = [load_checkpoint(stem) for stem in stems]
     for (_, meta), stem in zip(models, stems, strict=True):
         check_compatible(meta, info, f"{run.name}/checkpoints/{stem.name}")
     classes = models[0][1]["spec"]["classes"]
     store = BagStore(cohort, bags, models[0][1]["spec"]["views"], cache=True, columns=info.columns,
                      n_cells=info.n_cells)
-    return LoadedRun(run, config, models, classes, store, info)
+    return LoadedRun(run, settings, models, classes, store, info)
 
 
 def predict_run(loaded: LoadedRun, patient_ids: Sequence[str], device: torch.device,
                 ensemble: bool = False) -> RunPrediction:
     """Probabilities and cell scores of ``patient_ids`` (out-of-fold for a cv run's own patients)."""
-    config = loaded.config
-    batch_size = int(config["train"]["batch_size"])
+    t = loaded.settings.train
     k = len(loaded.classes)
     totals = {p: np.zeros(k) for p in patient_ids}
     counts = dict.fromkeys(patient_ids, 0)
@@ -117,8 +119,7 @@ def predict_run(loaded: LoadedRun, patient_ids: Sequence[str], device: torch.dev
     for (model, _), assigned in zip(loaded.models, loaded.assignments(patient_ids, ensemble), strict=True):
         if not assigned:
             continue
-        result = predict_patients(model, loaded.store.many(assigned), batch_size, device,
-                                  bool(config["train"]["amp"]))
+        result = predict_patients(model, loaded.store.many(assigned), t.batch_size, device, t.amp)
         for j, pid in enumerate(result.patient_ids):
             totals[pid] += result.patient.probs[j]
             counts[pid] += 1

@@ -33,6 +33,7 @@ import yaml
 from milhema.data.manifest import Cohort
 from milhema.errors import MilhemaError
 from milhema.io import check_new_folder, partial_folder, write_text
+from milhema.settings import Settings
 from milhema.train.checkpoint import CheckpointError, load_checkpoint
 from milhema.train.data import BagInfo
 from milhema.train.model import PatientModel
@@ -70,9 +71,9 @@ class FoldSplit:
         return f"r{self.repeat}_f{self.fold}"
 
 
-def config_fingerprint(config: Mapping[str, Any]) -> str:
+def config_fingerprint(settings: Settings) -> str:
     """SHA-256 of the resolved config, without the sections that cannot change results (tracking)."""
-    return _sha256(_result_config(config))
+    return _sha256(_result_config(settings.to_dict()))
 
 
 def cohort_fingerprint(cohort: Cohort, ids: Sequence[str], bags: Path, info: BagInfo) -> str:
@@ -102,7 +103,7 @@ def run_state(out: Path) -> tuple[str, int]:
     return "new", 0
 
 
-def check_start(out: Path, config: Mapping[str, Any], *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+def check_start(out: Path, settings: Settings, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
     """Decide, before any work, what ``milhema cv`` does with ``out``.
 
     Returns the metrics of ``out`` when ``resume`` finds it already complete (nothing to do),
@@ -121,7 +122,7 @@ def check_start(out: Path, config: Mapping[str, Any], *, resume: bool, overwrite
         raise MilhemaError(f"an interrupted cv run in {partial_folder(out)} has {finished} finished fold(s); "
                            "pass --resume to continue it or --overwrite to start again")
     if resume and state == "complete":
-        _check_same_config(out / "config.yaml", config, f"run folder {out} is already complete")
+        _check_same_config(out / "config.yaml", settings, f"run folder {out} is already complete")
         return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     if not (resume and state == "interrupted"):
         check_new_folder(out, overwrite=overwrite, what="run folder", hint=RUN_HINT)
@@ -154,7 +155,7 @@ class CvProgress:
             self.close()
 
     @classmethod
-    def open(cls, folder: Path, config: Mapping[str, Any], cohort_hash: str, *, resume: bool) -> CvProgress:
+    def open(cls, folder: Path, settings: Settings, cohort_hash: str, *, resume: bool) -> CvProgress:
         """Start the bookkeeping in ``folder``; with ``resume`` check that the interrupted run in it
         was made with the same config and cohort.
 
@@ -162,10 +163,10 @@ class CvProgress:
             ResumeError: the config or the cohort/bags differ from the interrupted run's.
         """
         folder = Path(folder)
-        fingerprint = {"config": config_fingerprint(config), "cohort": cohort_hash}
+        fingerprint = {"config": config_fingerprint(settings), "cohort": cohort_hash}
         path = folder / PROGRESS_FILE
         if resume and path.is_file():
-            _check_fingerprint(folder, fingerprint, config)
+            _check_fingerprint(folder, fingerprint, settings)
             _clear_leftovers(folder)
         else:
             # A folder without a fingerprint has nothing reusable: clear what a crash left.
@@ -225,14 +226,14 @@ class CvProgress:
         (self.folder / PROGRESS_FILE).unlink()
 
 
-def _check_fingerprint(folder: Path, fingerprint: Mapping[str, str], config: Mapping[str, Any]) -> None:
+def _check_fingerprint(folder: Path, fingerprint: Mapping[str, str], settings: Settings) -> None:
     try:
         before = json.loads((folder / PROGRESS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ResumeError(f"cannot resume the interrupted run in {folder}: its {PROGRESS_FILE} is unreadable; "
                           "pass --overwrite to start again") from exc
     if before.get("config") != fingerprint["config"]:
-        _check_same_config(folder / "config.yaml", config, "cannot resume the interrupted run")
+        _check_same_config(folder / "config.yaml", settings, "cannot resume the interrupted run")
         raise ResumeError(f"cannot resume the interrupted run in {folder}: its config differs; "
                           "pass the same config or --overwrite to start again")
     if before.get("cohort") != fingerprint["cohort"]:
@@ -253,14 +254,14 @@ def _done_files(partial: Path) -> Iterator[Path]:
     return (partial / FOLDS_DIR).glob(f"*/{DONE_FILE}")
 
 
-def _check_same_config(path: Path, config: Mapping[str, Any], what: str) -> None:
+def _check_same_config(path: Path, settings: Settings, what: str) -> None:
     """Raise a :class:`ResumeError` naming the first config key that differs from ``path``'s."""
     try:
         before = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise ResumeError(f"{what}, but its {path.name} is unreadable ({str(exc).splitlines()[0]}); "
                           "pass --overwrite to start again") from exc
-    old, new = _flat(_result_config(before or {})), _flat(_result_config(config))
+    old, new = _flat(_result_config(before or {})), _flat(_result_config(settings.to_dict()))
     for key in sorted(old.keys() | new.keys()):
         if old.get(key) != new.get(key):
             raise ResumeError(f"{what} with another config: {key} was {old.get(key)!r} and is now "

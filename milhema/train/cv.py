@@ -1,0 +1,392 @@
+"""``milhema cv``: patient-grouped, label-stratified K-fold cross-validation, repeated.
+
+Three steps, as in scikit-learn's ``cross_validate``: :func:`run_fold` trains (or, on
+``--resume``, reuses) and scores one fold and returns a :class:`FoldResult`; :class:`CvResults`
+gathers the folds of every repeat into out-of-fold predictions and metrics; :func:`write_outputs`
+writes the run folder's tables. :func:`run_cv` strings them together.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from milhema.data.manifest import Cohort
+from milhema.errors import MilhemaError
+from milhema.io import partial_folder, write_csv
+from milhema.settings import Settings
+from milhema.train import distributed
+from milhema.train.baseline import cbc_design, cross_val_proba, patient_folds
+from milhema.train.checkpoint import load_checkpoint, save_checkpoint
+from milhema.train.data import PatientBag
+from milhema.train.distributed import Ranks
+from milhema.train.inference import FoldPredictions, occlusion, predict_patients
+from milhema.train.metrics import classification_metrics, diagnostic_auroc, summarise_repeats
+from milhema.train.model import PatientModel
+from milhema.train.outputs import prediction_header, prediction_rows, rank_percentiles, write_cell_scores
+from milhema.train.resume import (
+    RUN_HINT,
+    CvProgress,
+    FoldSplit,
+    check_start,
+    cohort_fingerprint,
+    has_finished_folds,
+    run_state,
+)
+from milhema.train.run import (
+    Prepared,
+    RunFolder,
+    bag_meta,
+    event_strata,
+    history_writer,
+    inner_split,
+    metrics_header,
+    open_run,
+    prepare,
+    publish,
+    start_devices,
+    train_model,
+)
+from milhema.train.survival import cbc_cox_risk, concordance_summary, kaplan_meier_plot
+
+
+@dataclass(frozen=True)
+class CvPlan:
+    """Everything the folds share: settings, cohort, bags and the patients with their strata.
+
+    ``cbc`` is the CBC design matrix ``[P, C]`` of ``prepared.ids`` (for the CBC-only baselines);
+    ``time`` / ``event`` are ``[P]`` (NaN without follow-up).
+    """
+
+    settings: Settings
+    cohort: Cohort
+    prepared: Prepared
+    y: np.ndarray
+    strata: np.ndarray
+    time: np.ndarray
+    event: np.ndarray
+    cbc: np.ndarray
+
+    @classmethod
+    def build(cls, settings: Settings, cohort: Cohort, bags: Path) -> CvPlan:
+        prepared = prepare(settings, cohort, bags)
+        ids = prepared.ids
+        y = cohort.labels(ids)
+        time_, event = cohort.follow_up(ids)
+        # Folds are stratified by label; for survival alone, by event (censored patients as one group).
+        strata = y if settings.loss.has_classification else event_strata(event, settings.cv.folds)
+        return cls(settings, cohort, prepared, y, strata, time_, event,
+                   cbc_design(cohort, ids, settings.data.cbc_log_columns))
+
+    @property
+    def ids(self) -> list[str]:
+        return self.prepared.ids
+
+    def folds(self, repeat: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(train, test)`` positions in :attr:`ids` of every fold of ``repeat``."""
+        s = self.settings
+        names = list(self.cohort.classes) if s.loss.has_classification else ["censored", "event"]
+        return patient_folds(self.strata, s.cv.folds, s.train.seed + repeat, names)
+
+    def split(self, repeat: int, fold: int, train_idx: np.ndarray, test_idx: np.ndarray) -> Fold:
+        """The fold's test patients, and its training patients split into inner training and validation."""
+        ids, t = self.ids, self.settings.train
+        train_ids = [ids[i] for i in train_idx]
+        test_ids = [ids[i] for i in test_idx]
+        inner_train, val = inner_split(train_ids, self.strata[train_idx], t.val_fraction, t.seed + repeat)
+        if set(test_ids) & (set(inner_train) | set(val)):
+            raise MilhemaError("internal check failed: a test patient is also in training")  # never expected
+        return Fold(FoldSplit(repeat, fold, test_ids, inner_train, val), train_idx, test_idx)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One (repeat, fold): its patients by id (``split``) and by position in :attr:`CvPlan.ids`."""
+
+    split: FoldSplit
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+
+
+@dataclass
+class FoldResult:
+    """What one fold contributes, for its test patients (in ``fold.test_idx`` order).
+
+    ``risk`` / ``cbc_risk`` are within-fold risk percentiles in (0, 1] of the model and of the
+    CBC-only Cox baseline (survival only). The cell-score maps are filled on repeat 0 for patients
+    whose bags carry ``diagnostic`` truth (occlusion on a budget, see ``cv.occlusion_patients``).
+    ``bags`` are the test bags themselves, for writing their cell scores; nothing keeps them after.
+    """
+
+    fold: Fold
+    predictions: FoldPredictions
+    bags: list[PatientBag]
+    risk: np.ndarray | None = None
+    cbc_risk: np.ndarray | None = None
+    attention: dict[str, np.ndarray] = field(default_factory=dict)
+    occlusion: dict[str, np.ndarray] = field(default_factory=dict)
+    truth: dict[str, np.ndarray | None] = field(default_factory=dict)
+
+
+def run_fold(plan: CvPlan, fold: Fold, run: RunFolder, folds_done: CvProgress, device: torch.device,
+             ranks: Ranks, progress: bool) -> FoldResult:
+    """Train the fold's model (or reuse a finished one) and score its test patients."""
+    model = _fold_model(plan, fold.split, run, folds_done, device, ranks, progress)
+    return score_fold(plan, fold, model, device, ranks)
+
+
+def _fold_model(plan: CvPlan, split: FoldSplit, run: RunFolder, folds_done: CvProgress, device: torch.device,
+                ranks: Ranks, progress: bool) -> PatientModel:
+    checkpoint = run.path / "checkpoints" / split.name
+    model = _reuse_fold(folds_done, split, checkpoint, run)
+    if ranks.active:  # rank 0 alone keeps the interrupted run: the others follow its choice
+        shared = _share_reused(model, partial_folder(run.out) / "checkpoints" / split.name, ranks)
+        if shared is not None and model is None:
+            folds_done.begin(split)  # an empty history in this rank's scratch bookkeeping
+        model = shared
+    if model is not None:
+        return model
+    log = history_writer(folds_done.begin(split), run.tracker, split.name, repeat=split.repeat, fold=split.fold)
+    prep = plan.prepared
+    model, _ = train_model(plan.settings, prep.store, prep.spec, split.train, split.val, device, log, progress,
+                           desc=f"repeat {split.repeat} fold {split.fold}", ranks=ranks)
+    save_checkpoint(checkpoint, model, model.spec,
+                    {"bags": bag_meta(prep.info), "repeat": split.repeat, "fold": split.fold,
+                     "test_patients": split.test, "train_patients": split.train, "val_patients": split.val})
+    folds_done.finish(split)
+    return model
+
+
+def _reuse_fold(progress: CvProgress, split: FoldSplit, checkpoint: Path, run: RunFolder) -> PatientModel | None:
+    """The model of a fold the interrupted run finished; its epochs go to the (new) tracker run again."""
+    found = progress.reuse(split, checkpoint)
+    if found is None:
+        return None
+    model, history = found
+    for record in history:
+        run.tracker.log_epoch({k: v for k, v in record.items() if k not in ("repeat", "fold")}, split.name)
+    return model
+
+
+def _share_reused(model: PatientModel | None, checkpoint: Path, ranks: Ranks) -> PatientModel | None:
+    """Under torchrun with ``--resume``: rank 0's decision to reuse a finished fold, and its model, on every rank."""
+    if not distributed.broadcast(model is not None, ranks):
+        return None
+    if model is None:
+        model, _ = load_checkpoint(checkpoint)
+    return model
+
+
+def score_fold(plan: CvPlan, fold: Fold, model: PatientModel, device: torch.device, ranks: Ranks) -> FoldResult:
+    """Predictions of the fold's test patients (bags read once), risks, and faithfulness scores on repeat 0."""
+    s, split = plan.settings, fold.split
+    bags = list(plan.prepared.store.many(split.test))
+    result = FoldResult(fold, predict_patients(model, bags, s.train.batch_size, device, s.train.amp, ranks), bags)
+    patient = result.predictions.patient
+    if s.loss.has_survival and patient.risk is not None:
+        train, test = fold.train_idx, fold.test_idx
+        result.risk = rank_percentiles(patient.risk) / 100.0
+        result.cbc_risk = rank_percentiles(
+            cbc_cox_risk(plan.cbc[train], plan.time[train], plan.event[train], plan.cbc[test])) / 100.0
+    if split.repeat != 0:
+        return result
+    budget = -(-s.cv.occlusion_patients // s.cv.folds)  # per fold, rounded up
+    for j, bag in enumerate(bags):
+        result.truth[bag.patient_id] = bag.diagnostic
+        if bag.diagnostic is not None and s.loss.has_classification:
+            result.attention[bag.patient_id] = patient.cell_scores[j]
+            if j < budget:
+                target = int(patient.probs[j].argmax())
+                drops = occlusion(model, bag, device)
+                result.occlusion[bag.patient_id] = drops[:, target] if drops.shape[0] else np.zeros(0)
+    return result
+
+
+class CvResults:
+    """Out-of-fold predictions of every repeat, gathered fold by fold, and the metrics they give.
+
+    Arrays are ``[R, P, ...]`` over repeats and :attr:`CvPlan.ids`; ``fold_of[r, i]`` is the fold
+    that tested patient i in repeat r.
+    """
+
+    def __init__(self, plan: CvPlan) -> None:
+        self.plan = plan
+        repeats, n, k = plan.settings.cv.repeats, len(plan.ids), len(plan.cohort.classes)
+        self.patient_probs = np.zeros((repeats, n, k))
+        self.cbc_probs = np.zeros((repeats, n, k))
+        self.fold_of = np.zeros((repeats, n), int)
+        self.patient_risk = np.full((repeats, n), np.nan)
+        self.cbc_risk = np.full((repeats, n), np.nan)
+        self.slides: list[tuple[str, str, int, int, np.ndarray]] = []   # slide, patient, repeat, fold, probs
+        self.faithful: dict[str, dict[str, np.ndarray]] = {"attention": {}, "occlusion": {}}
+        self.truth: dict[str, np.ndarray | None] = {}
+
+    def add(self, result: FoldResult) -> None:
+        """Take one fold's test predictions into the out-of-fold arrays."""
+        fold, pred = result.fold, result.predictions
+        r, k, test = fold.split.repeat, fold.split.fold, fold.test_idx
+        self.patient_probs[r, test] = pred.patient.probs
+        self.fold_of[r, test] = k
+        if result.risk is not None and result.cbc_risk is not None:
+            self.patient_risk[r, test] = result.risk
+            self.cbc_risk[r, test] = result.cbc_risk
+        self.slides += [(sid, pred.slide_patient[j], r, k, pred.slide.probs[j]) for j, sid in enumerate(pred.slide_ids)]
+        self.faithful["attention"] |= result.attention
+        self.faithful["occlusion"] |= result.occlusion
+        self.truth |= result.truth
+
+    def metrics(self, folder: Path, ranks: Ranks, started: float) -> dict[str, Any]:
+        """metrics.json of the run (the Kaplan-Meier figure of a survival task goes to ``folder``)."""
+        plan, s = self.plan, self.plan.settings
+        classes = plan.cohort.classes
+        metrics = metrics_header(s, plan.prepared.spec, classes)
+        if s.loss.has_classification:
+            slide, from_slides = _slide_level(self.slides, plan.ids, plan.cohort, classes)
+            metrics |= {
+                "patient": summarise_repeats(plan.y, self.patient_probs, classes),
+                "slide": slide,
+                "patient_from_slides": from_slides,
+                "baselines": {"cbc_only": {"patient": summarise_repeats(plan.y, self.cbc_probs, classes)}},
+            }
+        if self.faithful["attention"]:
+            metrics |= {method: {"diagnostic_auroc": diagnostic_auroc(per_patient, self.truth)}
+                        for method, per_patient in self.faithful.items() if per_patient}
+        if s.loss.has_survival:
+            metrics["survival"] = _survival_metrics(plan.time, plan.event, self.patient_risk, self.cbc_risk, folder,
+                                                    s.train.seed)
+        info = plan.prepared.info
+        return metrics | {
+            "n_patients": len(plan.ids), "n_slides": len({rec[0] for rec in self.slides}), "folds": s.cv.folds,
+            "repeats": s.cv.repeats, "backbone": info.backbone, "feature_dim": info.feature_dim,
+            "processes": ranks.world, "wall_time_s": round(time.perf_counter() - started, 1),
+        }
+
+
+def _slide_level(records: Sequence[tuple[str, str, int, int, np.ndarray]], ids: Sequence[str], cohort: Cohort,
+                 classes: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Metrics of single-slide predictions, and of their per-patient average."""
+    by_slide: dict[str, list[np.ndarray]] = {}
+    patient_of: dict[str, str] = {}
+    for sid, pid, _, _, prob in records:
+        by_slide.setdefault(sid, []).append(prob)
+        patient_of[sid] = pid
+    slide_ids = list(by_slide)
+    slide_probs = np.array([np.mean(by_slide[s], axis=0) for s in slide_ids])
+    slide_y = cohort.labels([patient_of[s] for s in slide_ids])
+    per_patient: dict[str, list[np.ndarray]] = {}
+    for sid, prob in zip(slide_ids, slide_probs, strict=True):
+        per_patient.setdefault(patient_of[sid], []).append(prob)
+    with_slides = [p for p in ids if p in per_patient]
+    averaged = np.array([np.mean(per_patient[p], axis=0) for p in with_slides])
+    return (classification_metrics(slide_y, slide_probs, classes),
+            classification_metrics(cohort.labels(with_slides), averaged, classes))
+
+
+def _survival_metrics(time_: np.ndarray, event: np.ndarray, risk: np.ndarray, cbc_risk: np.ndarray,
+                      folder: Path, seed: int) -> dict[str, Any]:
+    """C-index (with bootstrap CI) of the out-of-fold risks per repeat, KM tertiles and the CBC Cox baseline.
+
+    Risks of different fold models are not on one scale, so each fold's risks are turned into
+    within-fold percentiles before the pooled c-index (a common, conservative choice).
+    """
+    model = _over_repeats(concordance_summary(time_, event, risk, seed=seed))
+    cbc = _over_repeats(concordance_summary(time_, event, cbc_risk, seed=seed))
+    p_value = kaplan_meier_plot(time_, event, risk[0], folder / "km_risk_groups.png")
+    return {
+        "c_index": model, "logrank_p": p_value,
+        "risk_groups": "tertiles of out-of-fold risk (repeat 0); curves in km_risk_groups.png",
+        "n_patients": model.pop("n"), "events": model.pop("events"),
+        "baselines": {"cbc_cox": {"c_index": {k: v for k, v in cbc.items() if k not in ("n", "events")}}},
+    }
+
+
+def _over_repeats(summary: dict[str, Any]) -> dict[str, Any]:
+    """A c-index summary with ``std`` (spread over repeats; None for one) and ``per_repeat`` always present."""
+    values = summary.pop("per_repeat", [summary["mean"]])
+    return {**summary, "std": float(np.std(values)) if len(values) > 1 else None, "per_repeat": values}
+
+
+def write_fold_cells(folder: Path, result: FoldResult, classes: Sequence[str]) -> None:
+    """``cell_scores/<slide_id>.csv`` of the fold's test patients."""
+    patient = result.predictions.patient
+    for j, bag in enumerate(result.bags):
+        write_cell_scores(folder, bag, patient.cell_scores[j], patient.class_cell_scores[j], classes)
+
+
+def write_outputs(run: RunFolder, results: CvResults, metrics: Mapping[str, Any]) -> None:
+    """predictions.csv (every repeat), slide_predictions.csv, metrics.json and the tracker's copies."""
+    plan = results.plan
+    ids, classes, survive = plan.ids, plan.cohort.classes, plan.settings.loss.has_survival
+    labels = [plan.cohort.patients[p].label for p in ids]
+    rows = []
+    for r in range(plan.settings.cv.repeats):
+        risk = results.patient_risk[r]
+        rows += prediction_rows(ids, labels, results.patient_probs[r], classes,
+                                [(int(results.fold_of[r, i]), r, *((f"{risk[i]:.6f}",) if survive else ()))
+                                 for i in range(len(ids))])
+    write_csv(run.path / "predictions.csv",
+              prediction_header("patient_id", classes, ["fold", "repeat", *(["risk"] if survive else [])]), rows)
+    write_csv(run.path / "slide_predictions.csv",
+              prediction_header("slide_id", classes, ["patient_id", "fold", "repeat"]),
+              [prediction_rows([sid], [plan.cohort.patients[pid].label], prob[None], classes, [(pid, k, r)])[0]
+               for sid, pid, r, k, prob in results.slides])
+    mean_probs = results.patient_probs.mean(axis=0)
+    plots = {"patient": (plan.y, mean_probs),
+             "baselines/cbc_only/patient": (plan.y, results.cbc_probs.mean(axis=0))}
+    publish(run, metrics, "predictions", ids, labels, mean_probs, classes,
+            plots if plan.settings.loss.has_classification else {}, {"fold": results.fold_of[0].tolist()})
+
+
+def _folds(plan: CvPlan, results: CvResults) -> Iterator[Fold]:
+    """Every (repeat, fold) in order; the CBC-only baseline of a repeat is scored on its folds first."""
+    s = plan.settings
+    for r in range(s.cv.repeats):
+        splits = plan.folds(r)
+        if s.loss.has_classification:
+            results.cbc_probs[r] = cross_val_proba(plan.cbc, plan.y, splits, len(plan.cohort.classes), s.train.seed)
+        for k, (train_idx, test_idx) in enumerate(splits):
+            yield plan.split(r, k, train_idx, test_idx)
+
+
+def run_cv(settings: Settings, cohort: Cohort, bags: str | Path, out: str | Path, *, overwrite: bool = False,
+           resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Patient-grouped, label-stratified K-fold cross-validation, repeated ``cv.repeats`` times.
+
+    ``resume`` continues an interrupted run into ``out`` from its finished folds
+    (:mod:`milhema.train.resume`), or returns the metrics of ``out`` if it is already complete.
+    """
+    bags, out = Path(bags), Path(out)
+    finished = check_start(out, settings, resume=resume, overwrite=overwrite)
+    if finished is not None:
+        return finished
+    resuming = resume and run_state(out)[0] == "interrupted"
+    plan = CvPlan.build(settings, cohort, bags)
+    device, ranks = start_devices(settings)
+    progress = progress and ranks.is_main
+    started = time.perf_counter()
+    fingerprint = cohort_fingerprint(cohort, plan.ids, bags, plan.prepared.info)
+    # An interrupted run beside a finished one was started with --overwrite: it replaces it.
+    with open_run(settings, out, ranks, "cv", overwrite=overwrite or resuming, hint=RUN_HINT,
+                  reuse_partial=resuming, keep_partial=has_finished_folds,
+                  bookkeeping=lambda path: CvProgress.open(path, settings, fingerprint,
+                                                           resume=resuming and ranks.is_main)) as (run, folds_done):
+        results = CvResults(plan)
+        bar = tqdm(total=settings.cv.folds * settings.cv.repeats, desc=f"cv {plan.prepared.spec['model']}",
+                   unit="fold", disable=None if progress else True)
+        for fold in _folds(plan, results):
+            result = run_fold(plan, fold, run, folds_done, device, ranks, progress)
+            if fold.split.repeat == 0:
+                write_fold_cells(run.path / "cell_scores", result, cohort.classes)
+            results.add(result)
+            bar.update(1)
+        bar.close()
+        metrics = results.metrics(run.path, ranks, started)
+        write_outputs(run, results, metrics)
+    return metrics
