@@ -11,6 +11,7 @@ import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -87,7 +88,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = Non
     side = int(input_size or config["input_size"][-1])
     if side < 16:
         raise EmbedError(f"backbone {name}: input size {side} px is too small")
-    return Backbone(model=model, name=name, weights_sha256=digest, feature_dim=int(model.num_features),
+    return Backbone(model=model, name=name, weights_sha256=digest, feature_dim=int(cast(int, model.num_features)),
                     input_size=side, mean=tuple(config["mean"]), std=tuple(config["std"]),
                     interpolation=str(config.get("interpolation", "bilinear")))
 

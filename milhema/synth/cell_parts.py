@@ -9,6 +9,7 @@ negative inside) and added to the canvas's four stain-density layers (see
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -57,7 +58,7 @@ def _fine_granules(cv: _Canvas, amount: float) -> np.ndarray:
 
 
 def _lay_cell(cv: _Canvas, body_sdf: np.ndarray, nuc_sdf: np.ndarray, chrom: np.ndarray,
-              cyto: dict[int, np.ndarray | float]) -> tuple[np.ndarray, np.ndarray]:
+              cyto: Mapping[int, np.ndarray | float]) -> tuple[np.ndarray, np.ndarray]:
     """Fill ``cv.dens`` with cytoplasm layers (under the nucleus partly) and the chromatin.
 
     Returns (cell coverage, nucleus coverage).
@@ -131,12 +132,13 @@ def _lobed_nucleus(cv: _Canvas, n_lobes: int, lobe_r: float, fit_r: float) -> np
     p = np.array(pts)
     p -= 0.5 * (p.max(axis=0) + p.min(axis=0))
     p = _fit(p, lobe_r * 1.25, fit_r)
-    sdf = None
+    sdf: np.ndarray | None = None
     for (cx, cy), h in zip(p, heads, strict=True):
         r = lobe_r * rng.uniform(0.85, 1.1)
         lobe = _blob(rng, r, aspect=rng.uniform(1.1, 1.6), irregular=0.06, kmax=4, cx=cx, cy=cy,
                      angle=h + math.pi / 2 + rng.normal(0.0, 0.4)).sdf(cv.u, cv.v)
         sdf = lobe if sdf is None else np.minimum(sdf, lobe)
+    assert sdf is not None  # p always has at least one lobe (pts starts with the origin)
     for i in range(n_lobes - 1):
         # Mostly thread-thin filaments; sometimes a broader isthmus (less mature cells).
         w = rng.uniform(0.15, 0.3) if rng.random() < 0.8 else lobe_r * rng.uniform(0.35, 0.5)
@@ -171,7 +173,7 @@ def _band_nucleus(cv: _Canvas, fit_r: float) -> np.ndarray:
     half_w = rng.uniform(0.8, 1.15)
     pts = _curve(rng, rng.uniform(9.0, 13.0), rng.uniform(2.6, 4.3), n=10, s_shape=rng.random() < 0.2)
     pts = _fit(pts, half_w, fit_r)
-    radii = half_w * (1.0 + 0.07 * rng.standard_normal(pts.shape[0]))
+    radii = half_w * (1.0 + 0.07 * rng.standard_normal(len(pts)))
     return _path_sdf(cv.u, cv.v, pts, radii)
 
 

@@ -20,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -148,8 +149,8 @@ def plan_smear(cells: Sequence[tuple[str, bool]], width: int, height: int, mpp: 
 # Rendering one block
 # --------------------------------------------------------------------------------------------
 
-def _rbc_rows(spec: SmearSpec, y0: float, y1: float) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(row index, points [n, 2]) of every red-cell lattice row with centres in [y0, y1).
+def _rbc_rows(spec: SmearSpec, y0: float, y1: float) -> Iterator[tuple[np.random.Generator, np.ndarray]]:
+    """(row generator, points [n, 2]) of every red-cell lattice row with centres in [y0, y1).
 
     The lattice is hexagonal with gaps and jitter, like :func:`~milhema.synth.background._rbc_positions`,
     but each row draws from its own generator so any band of rows can be made independently.
@@ -214,7 +215,7 @@ def render_block(spec: SmearSpec, x0: int, y0: int, w: int, h: int) -> tuple[np.
     half = 1.2 * spec.radii + 4
     near = ((spec.centres[:, 0] > cx0 - half) & (spec.centres[:, 0] < cx0 + cw + half)
             & (spec.centres[:, 1] > cy0 - half) & (spec.centres[:, 1] < cy0 + ch + half))
-    for index in np.flatnonzero(near):
+    for index in map(int, np.flatnonzero(near)):
         cell = spec.cells[index]
         rng = np.random.default_rng([*spec.seed, _STREAM_CELL, index])
         r = _render_cell(cell.cell_type, rng, mpp)
@@ -307,14 +308,14 @@ def write_smear(path: str | Path, spec: SmearSpec, *, workers: int = 1, progress
                 if pool:
                     pool.shutdown(cancel_futures=True)
 
-        options = {"tile": (TILE_PX, TILE_PX), "photometric": "rgb", "compression": "jpeg",
-                   "compressionargs": {"level": _JPEG_QUALITY}, "resolutionunit": "CENTIMETER"}
+        options: dict[str, Any] = {"tile": (TILE_PX, TILE_PX), "photometric": "rgb", "compression": "jpeg",
+                                   "compressionargs": {"level": _JPEG_QUALITY}, "resolutionunit": "CENTIMETER"}
         with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
             tif.write(level0_tiles(), shape=(spec.height, spec.width, 3), dtype=np.uint8, subifds=len(shapes) - 1,
                       resolution=(1e4 / spec.mpp, 1e4 / spec.mpp), software="milhema synth",
                       description=f"milhema simulated blood smear; mpp={spec.mpp}", **options)
             bar.close()
-            level = level1
+            level: np.ndarray | None = level1
             for k in range(1, len(shapes)):
                 assert level is not None
                 factor = LEVEL_FACTOR ** k

@@ -243,11 +243,11 @@ class BagStore:
         label = self.cohort.labels([patient_id])[0]
         cbc = self.cohort.cbc_matrix([patient_id])[0].astype(np.float32)
         time, event = self.cohort.follow_up([patient_id])
-        follow_up = {"time": float(time[0]), "event": float(event[0])}
+        follow_time, follow_event = float(time[0]), float(event[0])
         if not parts:
             return PatientBag(patient_id, int(label), np.zeros((0, dim), np.float16), np.zeros(0, np.int64),
                               np.zeros(0, np.int64), np.zeros((0, 2), np.float32), np.zeros(0, object), [], cbc,
-                              **follow_up)
+                              time=follow_time, event=follow_event)
         return PatientBag(
             patient_id=patient_id, label=int(label),
             features=np.concatenate([b.features for b, _, _ in parts]),
@@ -255,7 +255,7 @@ class BagStore:
             view_index=np.concatenate([np.full(b.n_cells, v, np.int64) for b, _, v in parts]),
             coords=np.concatenate([b.coords for b, _, _ in parts]).astype(np.float32),
             cell_ids=np.concatenate([np.asarray(b.cell_ids, dtype=object) for b, _, _ in parts]),
-            slide_ids=slide_ids, cbc=cbc, **follow_up,
+            slide_ids=slide_ids, cbc=cbc, time=follow_time, event=follow_event,
             diagnostic=(np.concatenate([b.diagnostic for b, _, _ in parts]).astype(bool)
                         if all(b.diagnostic is not None for b, _, _ in parts) else None),
         )
@@ -331,10 +331,13 @@ class Batch:
                      self.event.pin_memory())
 
     def to(self, device: torch.device) -> Batch:
-        move = {"non_blocking": device.type == "cuda"}
-        return Batch(self.x.to(device, **move), self.mask.to(device, **move), self.cbc.to(device, **move),
-                     self.coords.to(device, **move), self.view.to(device, **move), self.y.to(device, **move),
-                     self.index, self.time.to(device, **move), self.event.to(device, **move))
+        non_blocking = device.type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        return Batch(move(self.x), move(self.mask), move(self.cbc), move(self.coords), move(self.view), move(self.y),
+                     self.index, move(self.time), move(self.event))
 
 
 def collate(bags: Sequence[PatientBag]) -> Batch:
@@ -369,19 +372,19 @@ def bucketed_batches(lengths: Sequence[int] | np.ndarray, batch_size: int, rng: 
     batches, sorted by length within a pool and batched; the batches are then shuffled. Without
     ``rng`` the order is by length (evaluation).
     """
-    lengths = np.asarray(lengths)
+    lens = np.asarray(lengths)
     if max_cells:
-        lengths = np.minimum(lengths, max_cells)
+        lens = np.minimum(lens, max_cells)
     if rng is None:
-        order = np.argsort(lengths, kind="stable")
+        order = np.argsort(lens, kind="stable")
         yield from (order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size))
         return
-    order = rng.permutation(len(lengths))
+    order = rng.permutation(len(lens))
     pool = batch_size * 50
     batches = []
     for start in range(0, len(order), pool):
         chunk = order[start:start + pool]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        chunk = chunk[np.argsort(lens[chunk], kind="stable")]
         batches += [chunk[i:i + batch_size].tolist() for i in range(0, len(chunk), batch_size)]
     for i in rng.permutation(len(batches)):
         yield batches[i]

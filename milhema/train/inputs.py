@@ -17,6 +17,9 @@ from torch import Tensor, nn
 class FeatureNorm(nn.Module):
     """Per-feature standardisation of cell features ``[..., D]`` (identity when not fitted/enabled)."""
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, dim: int, enabled: bool = True) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
@@ -55,6 +58,10 @@ class CBCEncoder(nn.Module):
     standardisation (the training mean) and their indicator 1, so the model can tell
     "normal" from "not measured".
     """
+
+    log_mask: Tensor
+    mean: Tensor
+    std: Tensor
 
     def __init__(self, columns: Sequence[str], log_columns: Sequence[str] = ()) -> None:
         super().__init__()

@@ -105,7 +105,10 @@ def classification_metrics(y: np.ndarray, prob: np.ndarray, classes: Sequence[st
     k = len(classes)
     out: dict[str, Any] = {}
     for name in SUMMARY_METRICS:
-        std, ci = bootstrap(lambda idx, name=name: _point(name, y[idx], prob[idx], k), len(y), n_boot, seed)
+        def stat(idx: np.ndarray, name: str = name) -> float:
+            return _point(name, y[idx], prob[idx], k)
+
+        std, ci = bootstrap(stat, len(y), n_boot, seed)
         with warnings.catch_warnings():  # a small cohort may never predict some class: expected
             warnings.simplefilter("ignore")
             out[name] = {"mean": _point(name, y, prob, k), "std": std, "ci95": ci}
@@ -140,8 +143,10 @@ def summarise_repeats(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], 
         with warnings.catch_warnings():  # a small cohort may never predict some class: expected
             warnings.simplefilter("ignore")
             values = [_point(name, y, p, k) for p in probs]
-        _, ci = bootstrap(lambda idx, name=name: float(np.mean([_point(name, y[idx], p[idx], k) for p in probs])),
-                          len(y), n_boot, seed)
+        def mean_stat(idx: np.ndarray, name: str = name) -> float:
+            return float(np.mean([_point(name, y[idx], p[idx], k) for p in probs]))
+
+        _, ci = bootstrap(mean_stat, len(y), n_boot, seed)
         averaged[name] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "ci95": ci,
                           "per_repeat": values}
     return averaged

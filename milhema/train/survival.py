@@ -27,6 +27,8 @@ class SurvivalHead(nn.Module):
     buffer so a checkpoint carries its own bins.
     """
 
+    edges: Tensor
+
     def __init__(self, kind: str, in_dim: int, edges: Sequence[float] | None = None) -> None:
         super().__init__()
         if kind not in SURVIVAL_KINDS:
