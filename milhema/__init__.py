@@ -1,6 +1,6 @@
 """milhema: patient-level diagnosis in hematology by multiple-instance learning.
 
-Data flow (see docs and DESIGN.md): cohort manifest -> cells (crops or detected on slides)
+Data flow (see docs/ARCHITECTURE.md): cohort manifest -> cells (crops or detected on slides)
 -> frozen-backbone embedding into HDF5 bags -> MIL models with CBC fusion -> explanations.
 """
 

@@ -1,4 +1,4 @@
-"""The bag file: one self-describing HDF5 file of cell features per slide (see DESIGN.md).
+"""The bag file: one self-describing HDF5 file of cell features per slide (see docs/FORMAT.md).
 
 ``write_bag`` writes to a temporary name in the same folder and renames it, so a crash never
 leaves a half bag under the final name. ``read_bag`` also reads CLAM / TRIDENT feature files

@@ -145,7 +145,7 @@ def test_html_report_is_one_self_contained_file(attention_out: Path) -> None:
     assert "script" not in parser.tags and "link" not in parser.tags
     assert not re.search(r"url\(|https?://|file:", text)
     assert "Patient P01" in text and "AML" in text and "reference" in text
-    # CBC flags against DOMAIN.md ranges: hb ~ N(14, 2) so some patient is low or in range; wbc column shown.
+    # CBC flags against the ranges of docs/DOMAIN.md: hb ~ N(14, 2) so some patient is low or in range; wbc column shown.
     assert ">wbc<" in text and ">hb<" in text
 
 

@@ -73,7 +73,7 @@ def test_cbc_values_are_plausible_and_partly_missing() -> None:
     assert 0.06 < missing < 0.14
     assert np.nanmin(values[:, 0]) > 0 and np.nanmax(values[:, 1]) < 19 and 65 < np.nanmedian(values[:, 2]) < 110
     mcv = {d: np.nanmedian([sample_cbc(d, rng)[0]["mcv"] for _ in range(300)]) for d in ("MDS", "reactive")}
-    assert mcv["MDS"] > mcv["reactive"] + 4  # macrocytosis in MDS (DOMAIN.md)
+    assert mcv["MDS"] > mcv["reactive"] + 4  # macrocytosis in MDS (docs/DOMAIN.md)
 
 
 @pytest.mark.parametrize("difficulty", ["easy", "default", "hard"])

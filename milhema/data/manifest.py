@@ -1,4 +1,4 @@
-"""The cohort manifest: ``patients.csv`` and ``slides.csv`` in one folder (see DESIGN.md).
+"""The cohort manifest: ``patients.csv`` and ``slides.csv`` in one folder (see docs/FORMAT.md).
 
 Rows are numbered as a spreadsheet shows them: the header is row 1, the first patient row 2.
 Every violation raises :class:`~milhema.errors.ManifestError` naming the file, the row and the

@@ -1,1 +1,2 @@
-"""Embedding: frozen backbones and handcrafted morphology turn cell crops into bag features."""
+"""Embedding: frozen backbones and handcrafted morphology turn cell crops (from crop folders or cut
+out of scans) into one HDF5 bag per slide."""

@@ -1,4 +1,4 @@
-"""CBC reference ranges (adult, docs DOMAIN.md) and low/high flags for the patient report."""
+"""CBC reference ranges (adult, see docs/DOMAIN.md) and low/high flags for the patient report."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Simulated cohorts: patients, CBCs, and rendered blood-smear cells with per-cell truth."""
+"""Simulated cohorts: patients, CBCs, follow-up, and blood smears rendered as single-cell crops or
+whole-slide scans (pyramidal TIFF), with per-cell truth (see docs/SIMULATION.md)."""
 
 from milhema.synth.cohort import DIAGNOSES, synthesize_cohort
 

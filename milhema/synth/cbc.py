@@ -1,4 +1,4 @@
-"""Simulated complete blood counts, drawn per diagnosis around the medians of DOMAIN.md.
+"""Simulated complete blood counts, drawn per diagnosis around the medians of docs/DOMAIN.md.
 
 Distributions overlap on purpose: MDS and VEXAS share macrocytic anaemia and cytopenias, AML
 and MDS share thrombocytopenia, so a CBC-only classifier stays well below perfect and the

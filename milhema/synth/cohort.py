@@ -66,7 +66,7 @@ class SlideJob:
     wsi_size: int | None = None   # side of a whole-slide scan in px; None = crop folder
 
 
-WSI_MPP = 0.25   # µm per pixel of simulated scans (a 100x objective; DOMAIN.md)
+WSI_MPP = 0.25   # µm per pixel of simulated scans (as a 40x slide scanner gives; docs/DOMAIN.md)
 
 
 def synthesize_cohort(out: str | Path, n_patients: int = 40, seed: int = 0, difficulty: str = "default", *,

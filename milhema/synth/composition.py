@@ -10,7 +10,7 @@ Rates per difficulty (fractions drawn uniformly per patient, shared by the patie
 
 Every smear also carries look-alikes that are *not* diagnostic: about 1% hypogranular or
 vacuolated neutrophils (storage and toxic artefacts), a few smudge cells, and bands.
-MDS and VEXAS share features as in DOMAIN.md: MDS dysplasia is mostly degranulation with some
+MDS and VEXAS share features as in docs/DOMAIN.md: MDS dysplasia is mostly degranulation with some
 pseudo-Pelger cells; VEXAS is mostly vacuoles, with pseudo-Pelger cells and some degranulation.
 """
 
