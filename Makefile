@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 
 export WANDB_MODE ?= offline
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint typecheck install clean
 
 demo: $(STAMP)
 	$(BIN)/milhema demo
@@ -18,6 +18,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check milhema tests tools
 
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -27,4 +30,4 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache .mypy_cache

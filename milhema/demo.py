@@ -46,9 +46,9 @@ def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None,
     started = time.perf_counter()
     # No pretrained weights ship with milhema, so the demo's CNN features are from random
     # weights; the MIL model reads the morphology block of the bags (data.feature_blocks).
-    settings = load_config(None, ["data.feature_blocks=[morphology]", f"cv.folds={s.folds}",
-                                  f"train.seed={s.seed}", f"train.epochs={s.epochs}"])
-    data = settings.data
+    config = load_config(None, ["data.feature_blocks=[morphology]", f"cv.folds={s.folds}",
+                                f"train.seed={s.seed}", f"train.epochs={s.epochs}"])
+    data = config.data
 
     print(f"[1/4] simulated cohort: {s.patients} patients (AML, MDS, VEXAS, reactive), seed {s.seed}")
     if _same_cohort(cohort_dir, s):
@@ -67,7 +67,7 @@ def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None,
 
     print(f"[3/4] {s.folds}-fold patient-grouped cross-validation: ABMIL + CBC fusion and baselines "
           "(on the morphology features)")
-    run = run_cv(settings, cohort, bags_dir, out / "run", overwrite=True, progress=progress)
+    run = run_cv(config, cohort, bags_dir, out / "run", overwrite=True, progress=progress)
     ids = cohort.patient_ids
     y = cohort.labels(ids)
     splits = patient_folds(y, s.folds, s.seed)  # the folds run_cv used (same seed)

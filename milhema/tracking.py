@@ -26,7 +26,7 @@ import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -34,12 +34,13 @@ from milhema.errors import TrackingError, TrackingWarning
 from milhema.privacy import Pseudonymizer, load_or_create_salt, salt_path
 from milhema.settings import Settings
 
+Mode = Literal["online", "offline", "disabled"]
 _PRIVACY_RANK = {"online": 0, "offline": 1, "disabled": 2}
 # Lists of identifiers inside a checkpoint's JSON (milhema.train.checkpoint).
 _CHECKPOINT_ID_LISTS = ("test_patients", "train_patients", "val_patients")
 
 
-def effective_mode(configured: str, environ: Mapping[str, str] | None = None) -> str:
+def effective_mode(configured: str, environ: Mapping[str, str] | None = None) -> Mode:
     """``tracking.mode``, made more private (never less) by ``WANDB_MODE`` / ``WANDB_DISABLED``.
 
     So ``WANDB_MODE=offline make test`` can never send anything, whatever a config file says.
@@ -50,7 +51,7 @@ def effective_mode(configured: str, environ: Mapping[str, str] | None = None) ->
     modes.append({"dryrun": "offline"}.get(from_env, from_env))
     if env.get("WANDB_DISABLED", "").strip().lower() in ("true", "1", "yes"):
         modes.append("disabled")
-    return max((m for m in modes if m in _PRIVACY_RANK), key=_PRIVACY_RANK.__getitem__)
+    return cast(Mode, max((m for m in modes if m in _PRIVACY_RANK), key=_PRIVACY_RANK.__getitem__))
 
 
 def offline_runs(run_folder: str | Path) -> list[Path]:

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from milhema.errors import ConfigError
-from milhema.models import FUSION_MODES, MILModel, MILOutput, create_model, list_models, register_model
+from milhema.models import (
+    FUSION_MODES,
+    MILModel,
+    MILOutput,
+    create_model,
+    list_models,
+    model_class,
+    model_params,
+    register_model,
+)
 from milhema.models import registry as registry_module
 from milhema.models.attention import GatedAttention, masked_softmax
 from milhema.models.fusion import CBCFusion
@@ -15,26 +24,21 @@ from milhema.models.graph import knn_edges
 D, K, C, H, N_VIEWS = 8, 3, 5, 16, 2
 LENGTHS = (7, 4, 1)                       # a full bag, a padded bag and a one-cell bag
 
-# (model name, extra params): every registered model, and each variant that changes the code path.
-CASES = [
-    ("meanpool", {}),
-    ("maxpool", {}),
-    ("abmil", {}),
-    ("abmil", {"multi_branch": True}),
-    ("dsmil", {}),
-    ("transmil", {}),
-    ("multiview", {"view_pool": "max"}),
-    ("multiview", {"view_pool": "attention"}),
-    ("graph", {}),
-    ("graph", {"conv": "gen"}),
-    ("graph", {"graph_space": "coords", "k": 3}),
-]
+
+
+def _cases() -> list[tuple[str, dict]]:
+    """Every registered model with its defaults and with each of its ``test_variants`` (as
+    scikit-learn's common tests take ``all_estimators()``): a new model is tested without editing this file."""
+    return [(name, dict(params)) for name in list_models() for params in ({}, *model_class(name).test_variants)]
+
+
+CASES = _cases()
 CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in params.items()) for name, params in CASES]
 
 
 def _build(name: str, params: dict, fusion: str = "none", cbc_dim: int = C) -> MILModel:
     torch.manual_seed(0)
-    extra = {"n_views": N_VIEWS} if name == "multiview" else {}
+    extra = {"n_views": N_VIEWS} if "n_views" in model_params(name) else {}
     return create_model(name, in_dim=D, n_classes=K, cbc_dim=cbc_dim, fusion=fusion, hidden_dim=H, **extra, **params)
 
 
@@ -83,7 +87,7 @@ def test_output_contract(name: str, params: dict, fusion: str) -> None:
             _check_scores(out.class_cell_scores[..., k], batch["mask"])
         pred = out.logits.argmax(-1)
         torch.testing.assert_close(out.cell_scores, out.class_cell_scores[torch.arange(b), :, pred])
-    if name == "multiview":
+    if "n_views" in model_params(name):  # multi-view models weigh their views
         assert out.view_scores is not None and out.view_scores.shape == (b, N_VIEWS)
         torch.testing.assert_close(out.view_scores.sum(1), torch.ones(b), atol=1e-5, rtol=0)
     else:
@@ -92,7 +96,7 @@ def test_output_contract(name: str, params: dict, fusion: str) -> None:
     assert out.cell_scores[2, 0].item() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("fusion", ["none", "gated", "concat"])
+@pytest.mark.parametrize("fusion", FUSION_MODES)
 @pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
 def test_padding_garbage_is_ignored(name: str, params: dict, fusion: str) -> None:
     model = _build(name, params, fusion).eval()
@@ -116,7 +120,7 @@ def test_padding_garbage_is_ignored(name: str, params: dict, fusion: str) -> Non
     assert (out.cell_scores[:, n:] == 0).all()
 
 
-@pytest.mark.parametrize("fusion", ["none", "gated", "concat"])
+@pytest.mark.parametrize("fusion", FUSION_MODES)
 @pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
 def test_permutation_invariance(name: str, params: dict, fusion: str) -> None:
     model = _build(name, params, fusion).eval()
@@ -134,7 +138,7 @@ def test_permutation_invariance(name: str, params: dict, fusion: str) -> None:
     torch.testing.assert_close(out.cell_scores, ref.cell_scores[rows, order], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("fusion", ["none", "gated", "bilinear"])
+@pytest.mark.parametrize("fusion", FUSION_MODES)
 @pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
 def test_empty_and_single_cell_bags(name: str, params: dict, fusion: str) -> None:
     model = _build(name, params, fusion).eval()
@@ -182,7 +186,7 @@ def test_missing_cbc_is_an_error() -> None:
         model(batch["x"], batch["mask"])
 
 
-@pytest.mark.parametrize("fusion", ["none", "gated", "film"])
+@pytest.mark.parametrize("fusion", FUSION_MODES)
 @pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
 def test_backward_gives_finite_gradients(name: str, params: dict, fusion: str) -> None:
     model = _build(name, params, fusion).train()
@@ -314,8 +318,11 @@ def test_register_model_decorator(monkeypatch: pytest.MonkeyPatch) -> None:
             super().__init__(in_dim, n_classes, cbc_dim=cbc_dim, fusion=fusion, hidden_dim=hidden_dim, dropout=dropout)
             self.scale = scale
 
+    Tiny.test_variants = ({"scale": 2.0},)
     assert "tiny" in list_models()
     assert isinstance(create_model("tiny", in_dim=D, n_classes=K, scale=2), Tiny)
+    # The common tests' cases come from the registry: a new model and its variants join them unasked.
+    assert {("tiny", ()), ("tiny", (("scale", 2.0),))} <= {(n, tuple(p.items())) for n, p in _cases()}
     with pytest.raises(ValueError, match="already registered"):
         register_model("tiny")(type("Other", (Tiny,), {}))
     with pytest.raises(TypeError):
@@ -353,11 +360,12 @@ def test_abmil_learns_a_planted_signal() -> None:
     assert auroc.mean() > 0.9
 
 
+@pytest.mark.parametrize("fusion", FUSION_MODES)
 @pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
-def test_bfloat16_autocast_matches_float32(name: str, params: dict) -> None:
+def test_bfloat16_autocast_matches_float32(name: str, params: dict, fusion: str) -> None:
     """The GPU training path (bf16 autocast) exercised on CPU: finite outputs and gradients, scores
     still a distribution over valid cells, logits close to float32."""
-    model = _build(name, params, "gated").train()
+    model = _build(name, params, fusion).train()
     batch = _batch(lengths=(7, 0, 1, 4))
     model.eval()
     reference = _run(model, batch).logits

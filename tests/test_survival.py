@@ -20,8 +20,8 @@ from milhema.synth.cohort import _plan
 from milhema.synth.composition import DiseaseState
 from milhema.synth.outcome import log_hazard_ratio, sample_follow_up
 from milhema.train.checkpoint import load_checkpoint
-from milhema.train.predict import run_predict
 from milhema.train.cv import run_cv
+from milhema.train.predict import run_predict
 from milhema.train.run import run_train
 from milhema.train.survival import (
     SurvivalHead,

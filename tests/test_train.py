@@ -13,11 +13,12 @@ from milhema.config import load_config
 from milhema.data import load_cohort
 from milhema.errors import MilhemaError
 from milhema.train.checkpoint import CheckpointError, load_checkpoint
-from milhema.train.data import BagStore, TrainingBags, bucketed_batches, collate
-from milhema.train.inputs import CBCEncoder, FeatureNorm
-from milhema.train.loop import batch_hard_triplet, predict
-from milhema.train.predict import run_predict
 from milhema.train.cv import run_cv
+from milhema.train.data import BagStore, TrainingBags, bucketed_batches, collate
+from milhema.train.inference import predict
+from milhema.train.inputs import CBCEncoder, FeatureNorm
+from milhema.train.loop import batch_hard_triplet
+from milhema.train.predict import run_predict
 from milhema.train.run import run_train
 
 CLASSES = ["healthy", "disease"]

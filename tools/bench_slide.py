@@ -28,6 +28,8 @@ from pathlib import Path
 from bench_detect import render_large  # tools/ is on sys.path when a tool runs as a script
 from perf_record import report
 
+from milhema.io import write_csv
+
 
 def milhema(*args: str) -> float:
     """Run ``milhema ARGS`` (quiet, tracking off); its wall time in seconds."""
@@ -58,11 +60,9 @@ def one_patient_cohort(folder: Path, train_cohort: Path, slide: Path) -> None:
         row = next(reader)
         header = reader.fieldnames or []
     row["patient_id"] = "LARGE"
-    with (folder / "patients.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, header, lineterminator="\n")
-        writer.writeheader()
-        writer.writerow(row)
-    (folder / "slides.csv").write_text(f"slide_id,patient_id,source,view\nlarge,LARGE,{slide.resolve()},PB\n")
+    write_csv(folder / "patients.csv", header, [[row[h] for h in header]])
+    write_csv(folder / "slides.csv", ["slide_id", "patient_id", "source", "view"],
+              [["large", "LARGE", str(slide.resolve()), "PB"]])
 
 
 def main() -> None:

@@ -30,7 +30,8 @@ from sklearn.metrics import balanced_accuracy_score
 from milhema.config import load_config
 from milhema.device import resolve_device
 from milhema.train.data import PatientBag
-from milhema.train.loop import fit, predict
+from milhema.train.inference import predict
+from milhema.train.loop import fit
 from milhema.train.model import build_model, model_spec
 
 CLASSES = ["negative", "positive"]

@@ -147,7 +147,7 @@ def pca_2d(features: np.ndarray) -> np.ndarray:
     return np.pad(proj, ((0, 0), (0, 2 - proj.shape[1])))
 
 
-def overview(features: np.ndarray, pct: np.ndarray, cell_types: Sequence[str] | None, title: str,
+def overview(features: np.ndarray, pct: np.ndarray, cell_types: Sequence[str] | np.ndarray | None, title: str,
              max_points: int = 20000, seed: int = 0) -> bytes:
     """Two panels of the 2-D PCA of ``features [N, D]``: coloured by score percentile and by cell type."""
     n = len(features)

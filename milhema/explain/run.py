@@ -37,7 +37,8 @@ from milhema.train.predict import load_run
 def cell_rows(cells: PatientCells, s: PatientScores, pct: np.ndarray,
               classes: Sequence[str]) -> tuple[list[str], list[list[object]]]:
     """Header and rows of ``cell_scores.csv`` (one row per cell, in bag order)."""
-    k = 0 if s.class_scores is None else s.class_scores.shape[1]
+    class_scores = s.class_scores
+    k = 0 if class_scores is None else class_scores.shape[1]
     header = ["slide_id", "cell_id", "x", "y", "score", "rank_pct"]
     header += ["cell_type"] if cells.cell_types is not None else []
     header += [f"score_{c}" for c in classes] if k else []
@@ -47,8 +48,8 @@ def cell_rows(cells: PatientCells, s: PatientScores, pct: np.ndarray,
                              _num(cells.coords[i, 1]), f"{s.scores[i]:.6g}", f"{pct[i]:.2f}"]
         if cells.cell_types is not None:
             row.append(cells.cell_types[i])
-        if k:
-            row += [f"{v:.6g}" for v in s.class_scores[i]]
+        if class_scores is not None:
+            row += [f"{v:.6g}" for v in class_scores[i]]
         rows.append(row)
     return header, rows
 
@@ -133,7 +134,9 @@ def _figures(cohort: Cohort, pid: str, cells: PatientCells, s: PatientScores, pc
              classes: Sequence[str], top_k: int, folder: Path,
              method: str) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]], list[str]]:
     """Write the patient's PNGs and GeoJSON; return (heatmaps, galleries, notes) for the report."""
-    heatmaps, galleries, notes = [], [], []
+    heatmaps: list[tuple[str, bytes]] = []
+    galleries: list[tuple[str, bytes]] = []
+    notes: list[str] = []
     if cells.n_cells == 0:
         return heatmaps, galleries, ["no cells in this patient's bags"]
     if cells.thumbnails is None:

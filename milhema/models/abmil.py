@@ -28,6 +28,8 @@ class ABMIL(MILModel):
     only with ``multi_branch``, where ``cell_scores`` is the predicted class's branch.
     """
 
+    test_variants = ({"multi_branch": True},)
+
     def __init__(self, in_dim: int, n_classes: int, *, cbc_dim: int = 0, fusion: str = "none",
                  hidden_dim: int = 128, dropout: float = 0.25, attn_dim: int | None = None,
                  multi_branch: bool = False) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -56,12 +57,17 @@ def normalize_scores(scores: Tensor, mask: Tensor) -> Tensor:
 def masked_max(h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Max over the valid rows of ``h [B, N, H]`` -> ``[B, H]`` (0 for an empty bag), and each row's
     share of the maxima ``[B, N]``: the fraction of the H dimensions it wins, ties split evenly, so
-    the shares of a non-empty bag sum to 1 (no gradient: it is a score, not part of the model)."""
+    the shares of a non-empty bag sum to 1 (no gradient: it is a score, not part of the model).
+
+    Rows within a relative 1e-5 of the maximum tie: values that are equal in exact arithmetic but
+    were summed in another order (FiLM's shift on cells the encoder zeroed, say) differ in their
+    last bits, and the shares must not depend on the order of the cells."""
     filled = h.masked_fill(~mask[..., None], float("-inf"))
     top = filled.amax(dim=1)                                                # [B, H]
     z = torch.where(mask.any(1, keepdim=True), top, torch.zeros_like(top))
     with torch.no_grad():
-        won = (filled == top[:, None, :]) & mask[..., None]                 # [B, N, H]
+        gap = (top[:, None, :] - filled).float()                            # >= 0; inf at padding
+        won = (gap <= 1e-5 * top.float().abs().clamp_min(1.0)[:, None, :]) & mask[..., None]   # [B, N, H]
         won = won.float() / won.sum(1, keepdim=True).clamp_min(1)
         share = won.mean(-1)
     return z, share
@@ -87,7 +93,13 @@ class MILModel(nn.Module):
         embed_dim: width of the bag embedding handed to ``fusion.bag`` (default ``hidden_dim``);
             set by subclasses, not a user parameter.
         gate_dim: width of the CBC term of gated fusion (default ``hidden_dim``); set by subclasses.
+
+    Class attribute ``test_variants``: parameter sets that take other code paths than the
+    defaults (``({"multi_branch": True},)``); the common tests in tests/test_models.py build the
+    model with its defaults and with each of these, under every fusion mode.
     """
+
+    test_variants: ClassVar[tuple[dict[str, Any], ...]] = ()
 
     def __init__(self, in_dim: int, n_classes: int, *, cbc_dim: int = 0, fusion: str = "none",
                  hidden_dim: int = 128, dropout: float = 0.25, embed_dim: int | None = None,

@@ -70,6 +70,8 @@ class GraphMIL(MILModel):
     weights are the ``cell_scores``.
     """
 
+    test_variants = ({"conv": "gen"}, {"graph_space": "coords", "k": 3})
+
     def __init__(self, in_dim: int, n_classes: int, *, cbc_dim: int = 0, fusion: str = "none",
                  hidden_dim: int = 128, dropout: float = 0.25, k: int = 8, graph_space: str = "features",
                  conv: str = "gatv2", n_layers: int = 2, heads: int = 1, attn_dim: int | None = None) -> None:

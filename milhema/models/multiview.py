@@ -33,6 +33,8 @@ class MultiViewMIL(MILModel):
     views. ``cell_scores`` = within-view attention x its view's score, renormalised.
     """
 
+    test_variants = ({"view_pool": "attention"},)
+
     def __init__(self, in_dim: int, n_classes: int, *, cbc_dim: int = 0, fusion: str = "none",
                  hidden_dim: int = 128, dropout: float = 0.25, n_views: int = 2, view_pool: str = "max",
                  attn_dim: int | None = None) -> None:

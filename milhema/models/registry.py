@@ -47,6 +47,15 @@ def model_params(name: str) -> dict[str, Any]:
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+def model_class(name: str) -> type[MILModel]:
+    """The class registered as ``name``.
+
+    Raises:
+        ConfigError: no model of that name (with the closest registered name).
+    """
+    return _lookup(name)
+
+
 def _lookup(name: str) -> type[MILModel]:
     if name not in _REGISTRY:
         raise ConfigError(f"model {name!r} is not registered; available: {', '.join(list_models())}"

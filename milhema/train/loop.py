@@ -166,7 +166,7 @@ def evaluate(model: PatientModel, bags: Sequence[PatientBag], settings: Settings
             warnings.simplefilter("ignore")
             scores["val_balanced_accuracy"] = float(balanced_accuracy_score(y[labelled].numpy(),
                                                                             pred.probs[labelled.numpy()].argmax(1)))
-    if surv_w > 0 and model.survival is not None and pred.survival_out is not None:
+    if surv_w > 0 and model.survival is not None and pred.survival_out is not None and pred.risk is not None:
         surv = model.survival.loss(torch.from_numpy(pred.survival_out).float().to(device), time.to(device),
                                    event.to(device))
         loss = loss + surv_w * surv.cpu()

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from milhema.models import MILModel, MILOutput, create_model
+from milhema.models import MILModel, MILOutput, create_model, model_params
 from milhema.settings import Settings
 from milhema.train.data import Batch
 from milhema.train.inputs import CBCEncoder, FeatureNorm
@@ -47,7 +47,7 @@ def model_spec(settings: Settings, in_dim: int, classes: Sequence[str], cbc_colu
                views: Sequence[str]) -> dict[str, Any]:
     """Everything needed to rebuild the architecture (stored in the checkpoint's JSON)."""
     params = dict(settings.model.params)
-    if settings.model.name == "multiview":
+    if "n_views" in model_params(settings.model.name):  # multi-view models: one view per slides.csv view
         params.setdefault("n_views", max(1, len(views)))
     fusion = settings.fusion.mode
     loss = settings.loss

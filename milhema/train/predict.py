@@ -137,10 +137,10 @@ def predict_run(loaded: LoadedRun, patient_ids: Sequence[str], device: torch.dev
             slide_patient[sid] = result.slide_patient[j]
     probs = {p: totals[p] / max(counts[p], 1) for p in patient_ids}
     cells = {p: cell_sum[p][0] / counts[p] for p in cell_sum}
-    per_class = {p: None if cell_sum[p][1] is None else cell_sum[p][1] / counts[p] for p in cell_sum}
+    class_cells = {p: None if cell_sum[p][1] is None else cell_sum[p][1] / counts[p] for p in cell_sum}
     slides = {s: slide_sum[s] / counts[slide_patient[s]] for s in slide_sum}
     risk = {p: risk_sum[p] / counts[p] for p in risk_sum} if risk_sum else None
-    return RunPrediction(probs, counts, cells, per_class, slides, slide_patient, risk)
+    return RunPrediction(probs, counts, cells, class_cells, slides, slide_patient, risk)
 
 
 def run_predict(run: str | Path, cohort: Cohort, bags: str | Path, out: str | Path, *, ensemble: bool = False,
