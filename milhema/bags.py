@@ -1,8 +1,10 @@
 """The bag file: one self-describing HDF5 file of cell features per slide (see docs/FORMAT.md).
 
 ``write_bag`` writes to a temporary name in the same folder and renames it, so a crash never
-leaves a half bag under the final name. ``read_bag`` also reads CLAM / TRIDENT feature files
-(``features`` + ``coords`` and nothing else); their slide id is the file stem.
+leaves a half bag under the final name. ``read_bag`` also reads feature files made elsewhere:
+CLAM / TRIDENT files (``features`` + ``coords``) and per-patient embeddings with ``features``
+alone (DinoBloom's published embeddings); their slide id is the file stem, a cell without
+``coords`` is named by its row.
 """
 
 from __future__ import annotations
@@ -229,16 +231,19 @@ def _read(f: h5py.File, path: Path, foreign: bool, thumbnails: bool) -> Bag:
     if features.ndim == 3:  # CLAM writes [1, N, D] in some versions
         features = features[0]
     attrs = {k: _plain(v) for k, v in f.attrs.items()}
-    coords = f["coords"][()]
-    if coords.ndim == 3:
-        coords = coords[0]
+    if "coords" in f:
+        coords = f["coords"][()]
+        coords = coords[0] if coords.ndim == 3 else coords
+        positions = [f"{x:g}_{y:g}" for x, y in coords[:, :2]]
+    else:  # per-patient embeddings published without positions: a cell is its row
+        coords = np.full((len(features), 2), np.nan, np.float32)
+        positions = [str(i) for i in range(len(features))]
     return Bag(
         slide_id=str(attrs.get("slide_id", path.stem)),
         patient_id=None if foreign else str(attrs["patient_id"]),
         features=features,
         coords=coords[:, :2].astype(np.float32, copy=False),
-        cell_ids=(_text(f, "cell_ids", path) if "cell_ids" in f
-                  else np.array([f"{x:g}_{y:g}" for x, y in coords[:, :2]], dtype=object)),
+        cell_ids=_text(f, "cell_ids", path) if "cell_ids" in f else np.array(positions, dtype=object),
         bboxes=f["bboxes"][()] if "bboxes" in f else None,
         thumbnails=f["thumbnails"][()] if thumbnails and "thumbnails" in f else None,
         cell_types=_text(f, "cell_types", path) if "cell_types" in f else None,
@@ -396,7 +401,7 @@ def _dataset(f: h5py.File, name: str, where: str) -> h5py.Dataset:
 
 
 def _check_datasets(f: h5py.File, where: str, foreign: bool) -> None:
-    required = ("features", "coords") if foreign else REQUIRED_DATASETS
+    required = ("features",) if foreign else REQUIRED_DATASETS
     for name in required:
         _dataset(f, name, where)
     feats = f["features"]
@@ -408,10 +413,11 @@ def _check_datasets(f: h5py.File, where: str, foreign: bool) -> None:
     n, d = shape
     if d < 1:
         raise BagError(f"{where}: features have no columns (shape {list(feats.shape)})")
-    coords = f["coords"]
-    cshape = coords.shape[1:] if coords.ndim == 3 and coords.shape[0] == 1 else coords.shape
-    if len(cshape) != 2 or cshape[0] != n or cshape[1] < 2 or coords.dtype.kind not in "iuf":
-        raise BagError(f"{where}: coords must be [{n}, 2] numbers, got {list(coords.shape)} {coords.dtype}")
+    if "coords" in f:  # a foreign file may have none (per-patient embeddings)
+        coords = _dataset(f, "coords", where)
+        cshape = coords.shape[1:] if coords.ndim == 3 and coords.shape[0] == 1 else coords.shape
+        if len(cshape) != 2 or cshape[0] != n or cshape[1] < 2 or coords.dtype.kind not in "iuf":
+            raise BagError(f"{where}: coords must be [{n}, 2] numbers, got {list(coords.shape)} {coords.dtype}")
     for name in ("cell_ids", *OPTIONAL_DATASETS):
         if name in f:
             _check_optional(_dataset(f, name, where), name, n, where)

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from milhema.settings import Settings
 
 EXIT_BAD_INPUT = 2
+BAGS_HELP = ("folder of bags from milhema embed (not needed when slides.csv's sources are feature files, "
+             "as milhema import embeddings writes)")
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -33,6 +35,30 @@ def _synth(args: argparse.Namespace) -> int:
                             progress=not args.quiet)
     kind = "scanned smears" if args.wsi else "crop folders"
     print(f"wrote a simulated cohort of {args.patients} patients ({kind}) to {out}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from milhema.importers import ImportOptions, parse_class_map, read_layout, write_cohort
+
+    options = ImportOptions(mpp=args.mpp, classes=parse_class_map(args.classes), labels=args.labels,
+                            metadata=args.metadata)
+    imported = read_layout(args.layout, args.src, options, out=None if args.dry_run else args.out,
+                           overwrite=args.overwrite, progress=not args.quiet)
+    for line in imported.summary():
+        print(line)
+    if args.dry_run:
+        print(f"dry run: nothing written (without --dry-run: {args.out}/patients.csv, slides.csv, config.yaml)")
+        return 0
+    write_cohort(imported, args.out, options, args.src, overwrite=args.overwrite)
+    config = args.out / "config.yaml"
+    print(f"wrote {args.out}: patients.csv, slides.csv, config.yaml (classes {', '.join(imported.classes) or 'none'}), "
+          "import.json")
+    if imported.embedded:
+        print(f"next: milhema cv --config {config} --cohort {args.out} --out runs/{args.out.name}")
+    else:
+        print(f"next: milhema embed --config {config} --cohort {args.out} --out {args.out}_bags "
+              "--backbone BACKBONE --weights FILE")
     return 0
 
 
@@ -59,7 +85,7 @@ def _load_for_training(args: argparse.Namespace, extra: list[str]) -> tuple[Sett
     from milhema.data.manifest import load_cohort
 
     settings = load_config(args.config, [*extra, *args.set])
-    return settings, load_cohort(args.cohort, settings.data.classes, settings.data.cbc_columns)
+    return settings, load_cohort(args.cohort, settings.data.classes, settings.data.patient_features)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -83,6 +109,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _cv(args: argparse.Namespace) -> int:
+    from milhema.data.cbc import is_cbc_quantity
     from milhema.train import distributed
     from milhema.train.cv import run_cv
     from milhema.train.metrics import format_ci
@@ -97,15 +124,23 @@ def _cv(args: argparse.Namespace) -> int:
                    progress=not args.quiet)
     if distributed.launched_rank() != 0:  # under torchrun, rank 0 reports
         return 0
-    print(f"{m['model']} + CBC fusion '{m['fusion']}', {m['folds']}-fold cv x {m['repeats']}, {m['n_patients']} patients")
+    fused = "cells only" if m["fusion"] == "none" else f"patient features fused by '{m['fusion']}'"
+    print(f"{m['model']}, {fused}, {m['folds']}-fold cv x {m['repeats']}, {m['n_patients']} patients")
+    # The baseline keeps its contract name; the line says what it read.
+    only = "CBC only" if all(is_cbc_quantity(c) for c in settings.data.patient_features) else "features only"
     if "patient" in m:
-        base = m["baselines"]["cbc_only"]["patient"]
+        base = m["baselines"].get("cbc_only", {}).get("patient")
         for name in ("balanced_accuracy", "macro_f1", "macro_auroc"):
-            print(f"  {name:<18} {format_ci(m['patient'][name]):<22} CBC only {format_ci(base[name])}")
+            beside = f"{only} {format_ci(base[name])}" if base else ""
+            print(f"  {name:<18} {format_ci(m['patient'][name]):<22} {beside}".rstrip())
     if "survival" in m:
         s = m["survival"]
-        print(f"  {'c_index':<18} {format_ci(s['c_index']):<22} CBC-only Cox {format_ci(s['baselines']['cbc_cox']['c_index'])}"
-              f"; log-rank p {s['logrank_p']:.2g} over risk tertiles ({s['events']} events)")
+        cox = s["baselines"].get("cbc_cox")
+        beside = f" CBC-only Cox {format_ci(cox['c_index'])};" if cox else ""
+        print(f"  {'c_index':<18} {format_ci(s['c_index']):<22}{beside} log-rank p {s['logrank_p']:.2g} over risk "
+              f"tertiles ({s['events']} events)")
+    for note in m.get("notes", []):
+        print(f"  ({note})")
     print(f"run in {args.out}")
     _print_sync_hint(args.out)
     return 0
@@ -133,7 +168,7 @@ def _predict(args: argparse.Namespace) -> int:
     from milhema.train.predict import run_predict, run_settings
 
     data = run_settings(args.run).data
-    cohort = load_cohort(args.cohort, data.classes, data.cbc_columns)
+    cohort = load_cohort(args.cohort, data.classes, data.patient_features, absent_features="missing")
     run_predict(args.run, cohort, args.bags, args.out, ensemble=args.ensemble, overwrite=args.overwrite,
                 device=args.device)
     print(f"predictions for {len(cohort.patients)} patients in {args.out}")
@@ -146,7 +181,7 @@ def _explain(args: argparse.Namespace) -> int:
     from milhema.train.predict import run_settings
 
     data = run_settings(args.run).data
-    cohort = load_cohort(args.cohort, data.classes, data.cbc_columns)
+    cohort = load_cohort(args.cohort, data.classes, data.patient_features, absent_features="missing")
     summary = run_explain(args.run, cohort, args.bags, args.out, patients=args.patient, method=args.method,
                           top_k=args.top_k, overwrite=args.overwrite, device=args.device, progress=not args.quiet)
     print(f"explained {summary['n_patients']} patients ({args.method} scores) in {args.out}")
@@ -168,6 +203,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from milhema.importers import IMPORTERS, list_importers  # light: no torch
     parser = argparse.ArgumentParser(
         prog="milhema", description="Patient-level diagnosis in hematology by multiple-instance learning.")
     parser.add_argument("--version", action="version", version=f"milhema {__version__}")
@@ -192,6 +228,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-px", type=_positive_int, default=96, help="crop side in pixels, spanning 24 µm (default 96)")
     p.add_argument("--workers", type=_positive_int, default=None, help="rendering processes (default: CPUs)")
     p.set_defaults(func=_synth)
+
+    p = sub.add_parser("import", parents=[common], help="write a cohort manifest for a public dataset layout",
+                       description="Write patients.csv and slides.csv for a dataset in a known layout. Images and "
+                                   "feature files are referenced where they are, never copied or changed.")
+    p.add_argument("layout", choices=list_importers(), metavar="LAYOUT",
+                   help="; ".join(f"{name}: {imp.layout}" for name, imp in sorted(IMPORTERS.items())))
+    p.add_argument("src", type=Path, metavar="SRC", help="the dataset's root folder")
+    p.add_argument("--out", required=True, type=Path, help="new cohort folder")
+    p.add_argument("--mpp", type=float, default=None, help="µm per pixel of the images (written to slides.csv)")
+    p.add_argument("--classes", nargs="+", default=[], metavar="NAME|OLD=NEW",
+                   help="labels to keep (NAME) or rename and merge (OLD=NEW); other labels are left out")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="CSV patient_id,label[,numeric columns such as the CBC] (cellavision, embeddings)")
+    p.add_argument("--metadata", type=Path, default=None,
+                   help="the dataset's metadata CSV (aml-hehr: patient_id or pseudonym, numeric columns, "
+                        "examine_exclude)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be written, write nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing cohort folder")
+    p.set_defaults(func=_import)
 
     p = sub.add_parser("embed", parents=[common], help="embed every cell into one HDF5 bag per slide (resumable)")
     p.add_argument("--cohort", required=True, type=Path, help="folder with patients.csv and slides.csv")
@@ -221,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("--config", type=Path, default=None, help="YAML config (configs/*.yaml); default: built-in")
         p.add_argument("--cohort", required=True, type=Path, help="folder with patients.csv and slides.csv")
-        p.add_argument("--bags", required=True, type=Path, help="folder of bags from milhema embed")
+        p.add_argument("--bags", type=Path, default=None, help=BAGS_HELP)
         p.add_argument("--out", required=True, type=Path, help="new run folder")
         p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                        help="override config keys, e.g. --set train.lr=1e-3 fusion.mode=gated (repeatable)")
@@ -241,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", parents=[common], help="predictions and per-cell scores from a train or cv run")
     p.add_argument("--run", required=True, type=Path, help="run folder of milhema train or cv")
     p.add_argument("--cohort", required=True, type=Path, help="folder with patients.csv and slides.csv")
-    p.add_argument("--bags", required=True, type=Path, help="folder of bags (same backbone as the run)")
+    p.add_argument("--bags", type=Path, default=None, help=f"{BAGS_HELP}; same backbone as the run")
     p.add_argument("--out", required=True, type=Path, help="new output folder")
     p.add_argument("--ensemble", action="store_true",
                    help="use every fold model for every patient (default: out-of-fold models for patients of the run)")
@@ -253,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per-cell scores, galleries, heatmaps, QuPath GeoJSON and HTML reports per patient")
     p.add_argument("--run", required=True, type=Path, help="run folder of milhema train or cv")
     p.add_argument("--cohort", required=True, type=Path, help="folder with patients.csv and slides.csv")
-    p.add_argument("--bags", required=True, type=Path, help="folder of bags (same backbone as the run)")
+    p.add_argument("--bags", type=Path, default=None, help=f"{BAGS_HELP}; same backbone as the run")
     p.add_argument("--out", required=True, type=Path, help="new output folder")
     p.add_argument("--patient", nargs="+", default=None, metavar="ID",
                    help="patients to explain (default: every patient with slides)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {
         # Class names in the order of the model's outputs; labels in patients.csv must be one of them.
         "classes": ["AML", "MDS", "VEXAS", "reactive"],
-        # CBC columns of patients.csv fed to models (units as in docs/DOMAIN.md: G/L, g/dL, fL).
-        "cbc_columns": ["wbc", "hb", "mcv", "plt", "anc", "alc", "amc"],
-        # Counts span orders of magnitude (WBC 0.5-300 G/L): these are log-transformed first.
-        "cbc_log_columns": ["wbc", "plt", "anc", "alc", "amc"],
+        # Numeric columns of patients.csv the model reads beside the cells, fused as set by
+        # `fusion`: the CBC (units as in docs/DOMAIN.md: G/L, g/dL, fL) and any other patient-level
+        # value (an imported differential count such as pb_myeloblast, say). [] = cells only.
+        "patient_features": ["wbc", "hb", "mcv", "plt", "anc", "alc", "amc"],
+        # Those that span orders of magnitude (WBC 0.5-300 G/L) are log-transformed first; a name
+        # here that patient_features does not list is ignored.
+        "log_features": ["wbc", "plt", "anc", "alc", "amc"],
         # Views for multi-view models; null = the distinct values of slides.csv's `view` column.
         "views": None,
         # Feature blocks of the bags to use, e.g. [morphology] or ["timm/resnet18"]; null = all.
@@ -105,6 +109,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # Sections whose extra keys are passed on to a component that validates them itself
 # (model hyper-parameters differ by model family).
 _OPEN_SECTIONS = frozenset({"model"})
+# Keys that were renamed: configs and run folders written before still load, with a warning.
+_RENAMED = {"data.cbc_columns": "data.patient_features", "data.cbc_log_columns": "data.log_features"}
 
 # Class names become file names (gallery_<class>.png) and CSV columns (prob_<class>).
 _SAFE_NAME = re.compile(r"^[^/\\\x00-\x1f.][^/\\\x00-\x1f]{0,99}$")
@@ -210,6 +216,10 @@ def merge_into(config: dict[str, Any], update: Mapping[str, Any], *, source: str
         dotted = f"{prefix}{key}"
         if not isinstance(key, str):
             raise ConfigError(f"{source}: key {key!r} is not a string")
+        if dotted in _RENAMED:
+            new = _RENAMED[dotted]
+            warnings.warn(f"{source}: '{dotted}' is now called '{new}'; read as such", FutureWarning, stacklevel=2)
+            key, dotted = new.rpartition(".")[2], new
         if key not in config:
             section = prefix.rstrip(".")
             if section in _OPEN_SECTIONS:
@@ -288,16 +298,18 @@ def _validate_data(data: Mapping[str, Any]) -> None:
     if unsafe:
         raise ConfigError(f"data.classes: class name {unsafe[0]!r} cannot be used in file names "
                           "(no '/', '\\', control characters, or leading '.')")
-    for key in ("cbc_columns", "cbc_log_columns"):
+    for key in ("patient_features", "log_features"):
         _check_names(f"data.{key}", data[key], allow_empty_list=True)
     if data["views"] is not None:
         _check_names("data.views", data["views"], allow_empty_list=False, null_hint=True)
-    cbc = data["cbc_columns"]
-    if len(set(cbc)) != len(cbc):
-        raise ConfigError(f"data.cbc_columns lists a column twice: {cbc}")
-    unknown_log = sorted(set(data["cbc_log_columns"]) - set(cbc))
+    features = data["patient_features"]
+    if len(set(features)) != len(features):
+        raise ConfigError(f"data.patient_features lists a column twice: {features}")
+    # Only a name that is neither a patient feature nor one of the default counts is a typo.
+    unknown_log = [c for c in data["log_features"] if c not in features and c not in DEFAULTS["data"]["log_features"]]
     if unknown_log:
-        raise ConfigError(f"data.cbc_log_columns names {unknown_log}, which are not in data.cbc_columns {cbc}")
+        raise ConfigError(f"data.log_features names {unknown_log[0]!r}, which data.patient_features does not list"
+                          f"{did_you_mean(unknown_log[0], features)}")
     blocks = data["feature_blocks"]
     if blocks is not None and (not isinstance(blocks, list) or not blocks or not all(isinstance(b, str) for b in blocks)):
         raise ConfigError(f"data.feature_blocks must be null or a list of block names like [morphology], got {blocks!r}")
@@ -374,7 +386,7 @@ def _check_model(model: Mapping[str, Any], fusion: Mapping[str, Any], data: Mapp
     params = {k: v for k, v in model.items() if k != "name"}
     check_params(name, params)
     with torch.random.fork_rng(devices=[]):
-        create_model(name, in_dim=8, n_classes=len(data["classes"]), cbc_dim=4 if data["cbc_columns"] else 0,
+        create_model(name, in_dim=8, n_classes=len(data["classes"]), cbc_dim=4 if data["patient_features"] else 0,
                      fusion=mode, **params)
 
 

@@ -55,7 +55,7 @@ def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None,
         print(f"      reusing {cohort_dir}")
     else:
         synthesize_cohort(cohort_dir, s.patients, s.seed, cells_per_slide=s.cells_per_slide, progress=progress)
-    cohort = load_cohort(cohort_dir, data.classes, data.cbc_columns, require_labels=True)
+    cohort = load_cohort(cohort_dir, data.classes, data.patient_features, require_labels=True)
     n_cells = sum(len(list(sl.source.glob("*.png"))) for sl in cohort.slides)
     print(f"      {len(cohort.patients)} patients, {len(cohort.slides)} slides, {n_cells} cells")
 
@@ -72,7 +72,7 @@ def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None,
     y = cohort.labels(ids)
     splits = patient_folds(y, s.folds, s.seed)  # the folds run_cv used (same seed)
     k = len(cohort.classes)
-    cbc = cbc_design(cohort, ids, data.cbc_log_columns)
+    cbc = cbc_design(cohort, ids, data.log_features)
     columns = inspect_bags(cohort, bags_dir, ids, data.feature_blocks).columns
     cells = mean_pooled_features(cohort, bags_dir, ids, columns)
     results = {

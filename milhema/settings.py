@@ -20,11 +20,15 @@ from typing import Any
 
 @dataclass(frozen=True)
 class DataSettings:
-    """``data``: classes, patient-level inputs, feature selection and how bags are loaded."""
+    """``data``: classes, patient-level inputs, feature selection and how bags are loaded.
+
+    ``patient_features`` are the numeric columns of patients.csv fused with the cells (the CBC,
+    imported counts, ...); ``log_features`` those of them that are log-transformed first.
+    """
 
     classes: tuple[str, ...]
-    cbc_columns: tuple[str, ...]
-    cbc_log_columns: tuple[str, ...]
+    patient_features: tuple[str, ...]
+    log_features: tuple[str, ...]
     views: tuple[str, ...] | None
     feature_blocks: tuple[str, ...] | None
     max_cells: int

@@ -26,6 +26,8 @@ ALLOWED = {
     "milhema.config": {"milhema.errors", "milhema.models", "milhema.settings"},
     "milhema.data": {"milhema.errors", "milhema.io"},
     "milhema.bags": {"milhema", "milhema.errors", "milhema.io"},
+    # Importers write manifests for public layouts: they list images (slides) and read feature files (bags).
+    "milhema.importers": {"milhema.errors", "milhema.io", "milhema.data", "milhema.slides", "milhema.bags"},
     "milhema.tracking": {"milhema.errors", "milhema.privacy", "milhema.settings"},
     "milhema.slides": {"milhema.errors", "milhema.io", "milhema.data"},
     # The simulator writes the files the readers read (manifest, crop folders, scans with truth).
@@ -38,7 +40,7 @@ ALLOWED = {
                         "milhema.slides", "milhema.train"},
     "milhema.demo": {"milhema.config", "milhema.data", "milhema.embed", "milhema.explain", "milhema.io",
                      "milhema.synth", "milhema.tracking", "milhema.train"},
-    "milhema.cli": {"milhema", "milhema.errors", "milhema.settings", "milhema.config", "milhema.data",
+    "milhema.cli": {"milhema", "milhema.errors", "milhema.settings", "milhema.config", "milhema.data", "milhema.importers",
                     "milhema.synth", "milhema.embed", "milhema.train", "milhema.explain", "milhema.tracking",
                     "milhema.demo"},
     "milhema.__main__": {"milhema.cli"},

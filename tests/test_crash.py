@@ -101,7 +101,7 @@ def straight_cv(cv_args: list[str], tiny_cohort: Path, tiny_bags: Path,
     config = load_config(cv_args[2])
     out = tmp_path_factory.mktemp("straight") / "run"
     with one_thread():
-        run_cv(config, load_cohort(tiny_cohort, config.data.classes, config.data.cbc_columns),
+        run_cv(config, load_cohort(tiny_cohort, config.data.classes, config.data.patient_features),
                tiny_bags, out, progress=False)
     return out
 

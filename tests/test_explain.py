@@ -15,8 +15,8 @@ from milhema.bags import read_bag, write_bag
 from milhema.cli import main
 
 CLASSES = ["reactive", "AML"]
-BASE = ["--set", "data.classes=[reactive, AML]", "--set", "data.cbc_columns=[wbc, hb]",
-        "--set", "data.cbc_log_columns=[wbc]", "--set", "train.batch_size=8", "-q"]
+BASE = ["--set", "data.classes=[reactive, AML]", "--set", "data.patient_features=[wbc, hb]",
+        "--set", "data.log_features=[wbc]", "--set", "train.batch_size=8", "-q"]
 
 
 def _planted(root: Path, n_patients: int = 16, dim: int = 6, seed: int = 0) -> tuple[Path, Path]:

@@ -31,7 +31,7 @@ def test_valid_manifest(tmp_path: Path) -> None:
     assert [s.slide_id for s in cohort.slides_of("P1")] == ["S1", "S2"]
     assert cohort.slides_of("P3") == []
     assert cohort.labels().tolist() == [0, 1, -1]
-    cbc = cohort.cbc_matrix()
+    cbc = cohort.patient_matrix()
     assert cbc.shape == (3, 3) and cbc[0].tolist() == [12.5, 8.1, 40.0]
     assert math.isnan(cbc[1, 0]) and math.isnan(cbc[2, 2])
     s2 = cohort.slides[1]
@@ -43,7 +43,7 @@ def test_excel_export_with_semicolons_bom_and_decimal_commas(tmp_path: Path) -> 
     patients = "\ufeffpatient_id;label;wbc;hb;plt\nP1;AML;12,5;8,1;40\n"
     slides = "slide_id;patient_id;source\nS1;P1;s1\n\n"
     cohort = load_cohort(_write(tmp_path, patients, slides), CLASSES, CBC)
-    assert cohort.cbc_matrix()[0].tolist() == [12.5, 8.1, 40.0]
+    assert cohort.patient_matrix()[0].tolist() == [12.5, 8.1, 40.0]
 
 
 @pytest.mark.parametrize("patients, slides, message", [
@@ -110,7 +110,7 @@ def test_non_utf8_is_reported(tmp_path: Path) -> None:
         load_cohort(tmp_path, CLASSES, CBC)
 
 
-def test_cbc_matrix_subset_order(tmp_path: Path) -> None:
+def test_patient_matrix_subset_order(tmp_path: Path) -> None:
     cohort = load_cohort(_write(tmp_path, GOOD_PATIENTS, GOOD_SLIDES), CLASSES, CBC)
     assert np.array_equal(cohort.labels(["P2", "P1"]), [1, 0])
-    assert cohort.cbc_matrix(["P2"]).shape == (1, 3)
+    assert cohort.patient_matrix(["P2"]).shape == (1, 3)

@@ -85,7 +85,7 @@ def test_training_bags_subsample_the_same_cells_wherever_loaded(planted) -> None
 def test_torchrun_two_cpu_processes_train_one_run(planted, tmp_path: Path) -> None:
     """``torchrun --nproc_per_node 2`` (gloo): both ranks train in lockstep, rank 0 writes one run folder."""
     config = tmp_path / "ddp.yaml"
-    config.write_text("data: {classes: [healthy, disease], cbc_columns: [wbc, hb], cbc_log_columns: [wbc]}\n"
+    config.write_text("data: {classes: [healthy, disease], patient_features: [wbc, hb], log_features: [wbc]}\n"
                       "train: {epochs: 15, batch_size: 4, lr: 0.003, patience: 40}\ncv: {folds: 3}\n")
     runs = tmp_path / "runs"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}

@@ -98,7 +98,7 @@ def test_hostile_weights_for_embed_are_refused_and_never_run(name: str, kind: st
 def train_run(tiny_cohort: Path, tiny_bags: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = load_config(None, ["train.epochs=2", "tracking.mode=disabled"])
     out = tmp_path_factory.mktemp("security") / "run"
-    run_train(config, load_cohort(tiny_cohort, config.data.classes, config.data.cbc_columns),
+    run_train(config, load_cohort(tiny_cohort, config.data.classes, config.data.patient_features),
               tiny_bags, out, progress=False)
     return out
 

@@ -139,8 +139,8 @@ def _survival_cohort(root: Path, n: int = 48, seed: int = 0) -> tuple[Path, Path
 
 
 def _config(*extra: str) -> dict:
-    return load_config(None, ["data.classes=[healthy, disease]", "data.cbc_columns=[wbc, hb]",
-                              "data.cbc_log_columns=[wbc]", "train.epochs=30", "train.batch_size=12",
+    return load_config(None, ["data.classes=[healthy, disease]", "data.patient_features=[wbc, hb]",
+                              "data.log_features=[wbc]", "train.epochs=30", "train.batch_size=12",
                               "train.lr=0.003", "train.patience=30", "cv.folds=3", "tracking.mode=disabled",
                               "model.name=meanpool", *extra])
 
@@ -153,7 +153,7 @@ def survival_cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
 def test_survival_cv_end_to_end(survival_cohort: tuple[Path, Path], tmp_path: Path) -> None:
     cohort_dir, bags = survival_cohort
     config = _config("loss.task=survival")
-    cohort = load_cohort(cohort_dir, config.data.classes, config.data.cbc_columns)
+    cohort = load_cohort(cohort_dir, config.data.classes, config.data.patient_features)
     metrics = run_cv(config, cohort, bags, tmp_path / "cox", progress=False)
     survival = metrics["survival"]
     assert metrics["task"] == "survival" and "patient" not in metrics
@@ -177,7 +177,7 @@ def test_multitask_discrete_run_and_checkpoint(survival_cohort: tuple[Path, Path
     cohort_dir, bags = survival_cohort
     config = _config("loss.task=[classification, survival]", "loss.survival=discrete", "loss.survival_bins=4",
                      "train.epochs=60", "train.patience=60")
-    cohort = load_cohort(cohort_dir, config.data.classes, config.data.cbc_columns)
+    cohort = load_cohort(cohort_dir, config.data.classes, config.data.patient_features)
     metrics = run_cv(config, cohort, bags, tmp_path / "multi", progress=False)
     assert metrics["task"] == ["classification", "survival"]
     assert metrics["n_patients"] == 48   # labelled patients; those without follow-up only skip the survival loss
@@ -205,7 +205,7 @@ def test_survival_config_and_follow_up_errors(tmp_path: Path) -> None:
     (cohort_dir / "patients.csv").write_text("\n".join(line.rsplit(",", 2)[0] + ",," if i else line
                                                        for i, line in enumerate(text)) + "\n")
     config = _config("loss.task=survival")
-    cohort = load_cohort(cohort_dir, config.data.classes, config.data.cbc_columns)
+    cohort = load_cohort(cohort_dir, config.data.classes, config.data.patient_features)
     with pytest.raises(MilhemaError, match="survival needs follow-up"):
         run_cv(config, cohort, bags, tmp_path / "run", progress=False)
 

@@ -44,7 +44,7 @@ def test_same_seed_is_byte_identical_whatever_the_workers(tmp_path: Path) -> Non
 
 
 def test_cohort_is_a_valid_manifest_with_consistent_truth(tiny_cohort: Path) -> None:
-    cohort = load_cohort(tiny_cohort, DEFAULTS["data"]["classes"], DEFAULTS["data"]["cbc_columns"],
+    cohort = load_cohort(tiny_cohort, DEFAULTS["data"]["classes"], DEFAULTS["data"]["patient_features"],
                          require_labels=True)
     assert len(cohort.patients) == 8
     assert Counter(p.label for p in cohort.patients.values()) == {"AML": 2, "MDS": 2, "VEXAS": 2, "reactive": 2}

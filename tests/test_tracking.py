@@ -57,8 +57,8 @@ def identified_cohort(root: Path, prefix: str, n_patients: int = 8) -> tuple[Pat
 
 
 def _config(tmp: Path, *extra: str) -> dict[str, Any]:
-    return load_config(None, ["data.classes=[healthy, disease]", "data.cbc_columns=[wbc, hb]",
-                              "data.cbc_log_columns=[wbc]", "train.epochs=3", "train.batch_size=4", "cv.folds=2",
+    return load_config(None, ["data.classes=[healthy, disease]", "data.patient_features=[wbc, hb]",
+                              "data.log_features=[wbc]", "train.epochs=3", "train.batch_size=4", "cv.folds=2",
                               f"tracking.salt_file={tmp / 'secret' / 'salt'}", *extra])
 
 
@@ -230,8 +230,8 @@ def test_disabled_writes_no_wandb_folder_and_needs_no_wandb(cohort, tmp_path: Pa
     with warnings.catch_warnings():
         warnings.simplefilter("error", TrackingWarning)
         code = main(["train", "--cohort", str(cohort[0]), "--bags", str(cohort[1]), "--out", str(tmp_path / "run"),
-                     "-q", "--set", "data.classes=[healthy, disease]", "data.cbc_columns=[wbc, hb]",
-                     "data.cbc_log_columns=[wbc]", "train.epochs=2", "--set", "tracking.mode=disabled"])
+                     "-q", "--set", "data.classes=[healthy, disease]", "data.patient_features=[wbc, hb]",
+                     "data.log_features=[wbc]", "train.epochs=2", "--set", "tracking.mode=disabled"])
     assert code == 0
     assert "W&B" not in capsys.readouterr().out
     assert not (tmp_path / "run" / "wandb").exists()

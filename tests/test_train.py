@@ -51,8 +51,8 @@ def planted_cohort(root: Path, n_patients: int = 24, dim: int = 12, seed: int = 
 
 
 def _config(*extra: str) -> dict:
-    return load_config(None, ["data.classes=[healthy, disease]", "data.cbc_columns=[wbc, hb]",
-                              "data.cbc_log_columns=[wbc]", "train.epochs=40", "train.batch_size=8",
+    return load_config(None, ["data.classes=[healthy, disease]", "data.patient_features=[wbc, hb]",
+                              "data.log_features=[wbc]", "train.epochs=40", "train.batch_size=8",
                               "train.lr=0.003", "train.patience=40", "cv.folds=3", *extra])
 
 
@@ -65,7 +65,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def cv_run(planted, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     cohort_dir, bags = planted
     config = _config()
-    cohort = load_cohort(cohort_dir, config.data.classes, config.data.cbc_columns)
+    cohort = load_cohort(cohort_dir, config.data.classes, config.data.patient_features)
     out = tmp_path_factory.mktemp("runs") / "cv"
     return out, run_cv(config, cohort, bags, out, progress=False)
 

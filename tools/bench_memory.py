@@ -78,8 +78,8 @@ def tree_rss(pid: int) -> int:
 def run_train(cohort: Path, bags: Path, out: Path, cache: bool, epochs: int, workers: int) -> tuple[float, float]:
     """Peak resident GB of ``milhema train`` (process tree) and its wall time in seconds."""
     sets = [f"data.cache={'true' if cache else 'false'}", f"data.workers={workers}", f"train.epochs={epochs}",
-            f"train.patience={epochs + 1}", "data.classes=[a, b, c, d]", "data.cbc_columns=[]",
-            "data.cbc_log_columns=[]", "fusion.mode=none", "tracking.mode=disabled", "train.device=cpu"]
+            f"train.patience={epochs + 1}", "data.classes=[a, b, c, d]", "data.patient_features=[]",
+            "data.log_features=[]", "fusion.mode=none", "tracking.mode=disabled", "train.device=cpu"]
     cmd = [sys.executable, "-m", "milhema", "train", "--cohort", str(cohort), "--bags", str(bags),
            "--out", str(out), "--overwrite", "--quiet", "--set", *sets]
     start = time.perf_counter()

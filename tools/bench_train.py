@@ -58,7 +58,7 @@ def time_fit(bags: list[PatientBag], test: list[PatientBag], model_name: str, ba
     config = load_config(None, [f"model.name={model_name}", "fusion.mode=none", f"train.batch_size={batch_size}",
                                 f"train.epochs={epochs + 1}", f"train.patience={epochs + 2}",
                                 f"data.max_cells={max_cells}", f"data.classes=[{', '.join(CLASSES)}]",
-                                "data.cbc_columns=[]", "data.cbc_log_columns=[]", "tracking.mode=disabled",
+                                "data.patient_features=[]", "data.log_features=[]", "tracking.mode=disabled",
                                 f"train.device={device}"])
     spec = model_spec(config, bags[0].features.shape[1], CLASSES, [], [])
     model = build_model(spec)

@@ -23,8 +23,8 @@ from milhema.train.baseline import logistic_model
 
 
 def draw(n: int, difficulty: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    columns = DEFAULTS["data"]["cbc_columns"]
-    logged = DEFAULTS["data"]["cbc_log_columns"]
+    columns = DEFAULTS["data"]["patient_features"]
+    logged = DEFAULTS["data"]["log_features"]
     x, y = [], []
     for i in range(n):
         rng = np.random.default_rng([seed, 1, i])

@@ -36,7 +36,7 @@ def main() -> None:
     print(header)
     for name in args.models:
         settings = load_config(args.configs / f"{name}.yaml", args.set)
-        cohort = load_cohort(args.cohort, settings.data.classes, settings.data.cbc_columns)
+        cohort = load_cohort(args.cohort, settings.data.classes, settings.data.patient_features)
         started = time.perf_counter()
         m = run_cv(settings, cohort, args.bags, args.out / name, overwrite=True, progress=False)
         p, base = m["patient"], m["baselines"]["cbc_only"]["patient"]

@@ -11,28 +11,36 @@ from __future__ import annotations
 import csv
 import math
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from milhema.data.cbc import is_cbc_quantity
 from milhema.errors import ManifestError, closest, did_you_mean
 
 PATIENTS_FILE = "patients.csv"
 SLIDES_FILE = "slides.csv"
+# A slide whose source has one of these suffixes is already embedded: the file is its bag.
+BAG_SUFFIXES = (".h5", ".hdf5")
 
 # Slide ids become file names (bags/<slide_id>.h5): no separators, no leading dot, no "..".
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
+class MissingFeatureWarning(UserWarning):
+    """A patient feature the model reads is not a column of patients.csv: missing for everyone."""
+
+
 @dataclass(frozen=True)
 class Patient:
-    """One row of patients.csv. CBC values are floats, ``nan`` where missing."""
+    """One row of patients.csv. ``values`` holds the patient features read (CBC ...): floats, ``nan`` where missing."""
 
     patient_id: str
     label: str | None
-    cbc: dict[str, float]
+    values: dict[str, float]
     age: float | None = None
     sex: str | None = None
     time: float | None = None
@@ -55,6 +63,24 @@ class Slide:
     def is_crop_folder(self) -> bool:
         return self.source.is_dir()
 
+    @property
+    def is_bag_file(self) -> bool:
+        """Whether ``source`` is itself a bag: a feature file embedded elsewhere (``milhema import embeddings``)."""
+        return self.source.suffix.lower() in BAG_SUFFIXES
+
+    def bag_path(self, bags: str | Path | None) -> Path:
+        """Where the slide's bag is: its source when that is a feature file, else ``bags/<slide_id>.h5``.
+
+        Raises:
+            ManifestError: the slide needs a bag folder and ``bags`` is None.
+        """
+        if self.is_bag_file:
+            return self.source
+        if bags is None:
+            raise ManifestError(f"slide {self.slide_id}: its source is not a feature file, so its bag is in the "
+                                "folder milhema embed wrote: pass it with --bags")
+        return Path(bags) / f"{self.slide_id}.h5"
+
 
 @dataclass
 class Cohort:
@@ -64,7 +90,7 @@ class Cohort:
     patients: dict[str, Patient]
     slides: list[Slide]
     classes: list[str]
-    cbc_columns: list[str]
+    patient_features: list[str]
     _by_patient: dict[str, list[Slide]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -86,12 +112,12 @@ class Cohort:
         index = {name: i for i, name in enumerate(self.classes)}
         return np.array([index.get(self.patients[p].label or "", -1) for p in ids], dtype=np.int64)
 
-    def cbc_matrix(self, patient_ids: Sequence[str] | None = None) -> np.ndarray:
-        """CBC values ``[P, C]`` (float64, columns = :attr:`cbc_columns`), ``nan`` = missing."""
+    def patient_matrix(self, patient_ids: Sequence[str] | None = None) -> np.ndarray:
+        """Patient features ``[P, F]`` (float64, columns = :attr:`patient_features`), ``nan`` = missing."""
         ids = self.patient_ids if patient_ids is None else patient_ids
         return np.array(
-            [[self.patients[p].cbc[c] for c in self.cbc_columns] for p in ids], dtype=np.float64
-        ).reshape(len(ids), len(self.cbc_columns))
+            [[self.patients[p].values[c] for c in self.patient_features] for p in ids], dtype=np.float64
+        ).reshape(len(ids), len(self.patient_features))
 
 
     def follow_up(self, patient_ids: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -108,19 +134,24 @@ class Cohort:
 def load_cohort(
     folder: str | Path,
     classes: Sequence[str],
-    cbc_columns: Sequence[str] = (),
+    patient_features: Sequence[str] = (),
     *,
     require_labels: bool = False,
     check_sources: bool = True,
+    absent_features: str = "error",
 ) -> Cohort:
     """Read and validate ``folder/patients.csv`` and ``folder/slides.csv``.
 
     Args:
         folder: the cohort folder.
         classes: allowed labels (from the config's ``data.classes``).
-        cbc_columns: CBC columns that must be present in patients.csv (values may be empty).
+        patient_features: numeric columns of patients.csv to read (the config's
+            ``data.patient_features``: CBC and other patient-level inputs); values may be empty.
         require_labels: refuse patients with an empty label (training needs them).
         check_sources: refuse slides whose ``source`` does not exist.
+        absent_features: ``"error"``: a column of ``patient_features`` missing from the header is
+            refused (training); ``"missing"``: it is read as missing for every patient, with one
+            warning (predicting with a model whose inputs include missing-value indicators).
 
     Raises:
         ManifestError: on the first violation, naming file, row and value.
@@ -128,10 +159,11 @@ def load_cohort(
     root = Path(folder)
     if not root.is_dir():
         raise ManifestError(f"cohort folder {root} does not exist (expected {PATIENTS_FILE} and {SLIDES_FILE} in it)")
-    patients = _read_patients(root / PATIENTS_FILE, list(classes), list(cbc_columns), require_labels)
+    patients = _read_patients(root / PATIENTS_FILE, list(classes), list(patient_features), require_labels,
+                              absent_ok=absent_features == "missing")
     slides = _read_slides(root / SLIDES_FILE, patients, check_sources)
     return Cohort(root=root.resolve(), patients=patients, slides=slides, classes=list(classes),
-                  cbc_columns=list(cbc_columns))
+                  patient_features=list(patient_features))
 
 
 def _read_table(path: Path, required: Iterable[str]) -> tuple[list[str], list[tuple[int, dict[str, str]]], bool]:
@@ -201,9 +233,14 @@ def _check_id(value: str, where: str, what: str) -> None:
         )
 
 
-def _read_patients(path: Path, classes: list[str], cbc_columns: list[str], require_labels: bool) -> dict[str, Patient]:
-    header, rows, decimal_comma = _read_table(path, ["patient_id", "label", *cbc_columns])
+def _read_patients(path: Path, classes: list[str], features: list[str], require_labels: bool,
+                   absent_ok: bool = False) -> dict[str, Patient]:
+    header, rows, decimal_comma = _read_table(path, ["patient_id", "label", *([] if absent_ok else features)])
     name = path.name
+    absent = [c for c in features if c not in header]
+    if absent:
+        warnings.warn(f"{name} has no column {', '.join(repr(c) for c in absent)}, which the model reads: "
+                      "treated as missing for every patient", MissingFeatureWarning, stacklevel=3)
     patients: dict[str, Patient] = {}
     first_row: dict[str, int] = {}
     for row_number, row in rows:
@@ -218,12 +255,12 @@ def _read_patients(path: Path, classes: list[str], cbc_columns: list[str], requi
         if label is not None and label not in classes:
             raise ManifestError(f"{where}: label {_shown(label)} is not one of {', '.join(classes)}"
                                 f"{did_you_mean(label, classes, cutoff=0.5)}")
-        cbc = {}
-        for column in cbc_columns:
-            value = _parse_number(row[column], decimal_comma=decimal_comma, where=where, what=f"{column}")
-            if value < 0:
+        values = {}
+        for column in features:
+            value = _parse_number(row.get(column, ""), decimal_comma=decimal_comma, where=where, what=f"{column}")
+            if value < 0 and is_cbc_quantity(column):
                 raise ManifestError(f"{where}: {column} {_shown(row[column])} is negative")
-            cbc[column] = value
+            values[column] = value
         age = _optional_number(row, "age", decimal_comma, where)
         time = _optional_number(row, "time", decimal_comma, where)
         if time is not None and time <= 0:
@@ -234,7 +271,7 @@ def _read_patients(path: Path, classes: list[str], cbc_columns: list[str], requi
         if (time is None) != (event is None):
             raise ManifestError(f"{where}: time and event must be both given or both empty")
         patients[pid] = Patient(
-            patient_id=pid, label=label, cbc=cbc, age=age, sex=row.get("sex") or None,
+            patient_id=pid, label=label, values=values, age=age, sex=row.get("sex") or None,
             time=time, event=None if event is None else int(event), row=row_number,
         )
         first_row[pid] = row_number

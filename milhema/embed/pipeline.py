@@ -109,6 +109,11 @@ def embed_cohort(cohort: Cohort, out: str | Path, options: EmbedOptions | None =
     """Write ``out/<slide_id>.h5`` for every slide of this shard that has no valid bag yet."""
     opts = options or EmbedOptions()
     out = Path(out)
+    embedded = [s.slide_id for s in cohort.slides if s.is_bag_file]
+    if embedded:
+        raise EmbedError(f"slide {embedded[0]}{f' and {len(embedded) - 1} more' if len(embedded) > 1 else ''}: "
+                         "the source is a feature file, already embedded; train on the cohort as it is "
+                         "(no milhema embed, no --bags)")
     out.mkdir(parents=True, exist_ok=True)
     index, count = opts.shard
     slides = cohort.slides[index::count]

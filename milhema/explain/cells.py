@@ -49,11 +49,12 @@ class PatientCells:
         return len(self.cell_ids)
 
 
-def patient_cells(cohort: Cohort, bags: Path, bag: PatientBag) -> PatientCells:
+def patient_cells(cohort: Cohort, bags: Path | None, bag: PatientBag) -> PatientCells:
     """Read the bag files of ``bag``'s slides and check they line up with it cell by cell."""
     slides, cells, index, boxes, thumbs, types = [], [], [], [], [], []
+    slide_of = {s.slide_id: s for s in cohort.slides_of(bag.patient_id)}
     for slide_id in bag.slide_ids:
-        b = read_bag(Path(bags) / f"{slide_id}.h5", thumbnails=True)
+        b = read_bag(slide_of[slide_id].bag_path(bags), thumbnails=True)
         n = b.n_cells
         slides.append(np.full(n, slide_id, dtype=object))
         cells.append(np.asarray(b.cell_ids, dtype=object))

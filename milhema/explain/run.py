@@ -58,14 +58,15 @@ def _num(value: float) -> str:
     return f"{value:.1f}" if np.isfinite(value) else ""
 
 
-def run_explain(run: str | Path, cohort: Cohort, bags: str | Path, out: str | Path, *,
+def run_explain(run: str | Path, cohort: Cohort, bags: str | Path | None, out: str | Path, *,
                 patients: Sequence[str] | None = None, method: str = "attention", top_k: int = 16,
                 overwrite: bool = False, device: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Explain the predictions of ``run`` for ``patients`` (default: every patient with slides).
 
     Returns the summary written to ``summary.json``.
     """
-    run, bags, out = Path(run), Path(bags), Path(out)
+    run, out = Path(run), Path(out)
+    bags = None if bags is None else Path(bags)
     check_new_folder(out, overwrite=overwrite, what="output folder")
     if top_k < 1:
         raise MilhemaError(f"--top-k must be at least 1, got {top_k}")
@@ -82,7 +83,7 @@ def run_explain(run: str | Path, cohort: Cohort, bags: str | Path, out: str | Pa
     scores = explain_scores(loaded, ids, resolve_device(device), method)
     classes = loaded.classes
     spec = loaded.models[0][1]["spec"]
-    cbc_columns = list(loaded.settings.data.cbc_columns)
+    patient_features = list(loaded.settings.data.patient_features)
     date = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     all_features, all_pct, all_types, truth, by_patient = [], [], [], {}, {}
     any_types = False
@@ -102,7 +103,7 @@ def run_explain(run: str | Path, cohort: Cohort, bags: str | Path, out: str | Pa
             patient = cohort.patients[pid]
             content = ReportContent(
                 patient_id=pid, classes=classes, probs=probs, label=patient.label,
-                cbc={c: float(patient.cbc.get(c, float("nan"))) for c in cbc_columns}, method=method,
+                cbc={c: float(patient.values.get(c, float("nan"))) for c in patient_features}, method=method,
                 run=str(run), model=str(spec["model"]), fusion=str(spec["fusion"]), backbone=loaded.info.backbone,
                 date=date, n_cells=cells.n_cells, n_models=s.n_models, heatmaps=heatmaps, galleries=galleries,
                 notes=notes)

@@ -23,15 +23,16 @@ from milhema.errors import BagError, MilhemaError
 
 
 def cbc_design(cohort: Cohort, patient_ids: Sequence[str], log_columns: Sequence[str]) -> np.ndarray:
-    """CBC matrix ``[P, C]`` with counts in ``log_columns`` as log(1 + x); nan stays nan."""
-    x = cohort.cbc_matrix(patient_ids)
-    for j, column in enumerate(cohort.cbc_columns):
+    """Patient-feature matrix ``[P, F]`` (the CBC ...) with the columns in ``log_columns`` as
+    log(1 + x); nan stays nan. ``F`` is 0 for a cohort read without patient features."""
+    x = cohort.patient_matrix(patient_ids)
+    for j, column in enumerate(cohort.patient_features):
         if column in log_columns:
             x[:, j] = np.log1p(x[:, j])
     return x
 
 
-def mean_pooled_features(cohort: Cohort, bags: str | Path, patient_ids: Sequence[str],
+def mean_pooled_features(cohort: Cohort, bags: str | Path | None, patient_ids: Sequence[str],
                          columns: Sequence[int] | None = None) -> np.ndarray:
     """Mean of every cell's features over all slides of each patient, ``[P, D]`` float32.
 
@@ -40,15 +41,14 @@ def mean_pooled_features(cohort: Cohort, bags: str | Path, patient_ids: Sequence
     Raises:
         BagError: a slide has no bag, or feature sizes differ between bags.
     """
-    bags = Path(bags)
     rows = []
     dim = None
     for pid in patient_ids:
         feats = []
         for slide in cohort.slides_of(pid):
-            path = bags / f"{slide.slide_id}.h5"
+            path = slide.bag_path(bags)
             if not path.exists():
-                raise BagError(f"slide {slide.slide_id}: no bag file in {bags} (run milhema embed first)")
+                raise BagError(f"slide {slide.slide_id}: no bag file {path} (run milhema embed first)")
             bag = read_bag(path, thumbnails=False)
             if columns is not None:
                 bag.features = bag.features[:, list(columns)]

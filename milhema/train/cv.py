@@ -61,7 +61,8 @@ from milhema.train.survival import cbc_cox_risk, concordance_summary, kaplan_mei
 class CvPlan:
     """Everything the folds share: settings, cohort, bags and the patients with their strata.
 
-    ``cbc`` is the CBC design matrix ``[P, C]`` of ``prepared.ids`` (for the CBC-only baselines);
+    ``cbc`` is the patient-feature (CBC) design matrix ``[P, F]`` of ``prepared.ids`` for the
+    CBC-only baselines, which a cohort without patient features (``F = 0``) does not have;
     ``time`` / ``event`` are ``[P]`` (NaN without follow-up).
     """
 
@@ -75,7 +76,7 @@ class CvPlan:
     cbc: np.ndarray
 
     @classmethod
-    def build(cls, settings: Settings, cohort: Cohort, bags: Path) -> CvPlan:
+    def build(cls, settings: Settings, cohort: Cohort, bags: Path | None) -> CvPlan:
         prepared = prepare(settings, cohort, bags)
         ids = prepared.ids
         y = cohort.labels(ids)
@@ -83,11 +84,16 @@ class CvPlan:
         # Folds are stratified by label; for survival alone, by event (censored patients as one group).
         strata = y if settings.loss.has_classification else event_strata(event, settings.cv.folds)
         return cls(settings, cohort, prepared, y, strata, time_, event,
-                   cbc_design(cohort, ids, settings.data.cbc_log_columns))
+                   cbc_design(cohort, ids, settings.data.log_features))
 
     @property
     def ids(self) -> list[str]:
         return self.prepared.ids
+
+    @property
+    def has_baseline(self) -> bool:
+        """Whether there are patient features for the CBC-only baselines to learn from."""
+        return self.cbc.shape[1] > 0
 
     def folds(self, repeat: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(train, test)`` positions in :attr:`ids` of every fold of ``repeat``."""
@@ -193,8 +199,9 @@ def score_fold(plan: CvPlan, fold: Fold, model: PatientModel, device: torch.devi
     if s.loss.has_survival and patient.risk is not None:
         train, test = fold.train_idx, fold.test_idx
         result.risk = rank_percentiles(patient.risk) / 100.0
-        result.cbc_risk = rank_percentiles(
-            cbc_cox_risk(plan.cbc[train], plan.time[train], plan.event[train], plan.cbc[test])) / 100.0
+        if plan.has_baseline:
+            result.cbc_risk = rank_percentiles(
+                cbc_cox_risk(plan.cbc[train], plan.time[train], plan.event[train], plan.cbc[test])) / 100.0
     if split.repeat != 0:
         return result
     budget = -(-s.cv.occlusion_patients // s.cv.folds)  # per fold, rounded up
@@ -234,8 +241,9 @@ class CvResults:
         r, k, test = fold.split.repeat, fold.split.fold, fold.test_idx
         self.patient_probs[r, test] = pred.patient.probs
         self.fold_of[r, test] = k
-        if result.risk is not None and result.cbc_risk is not None:
+        if result.risk is not None:
             self.patient_risk[r, test] = result.risk
+        if result.cbc_risk is not None:
             self.cbc_risk[r, test] = result.cbc_risk
         self.slides += [(sid, pred.slide_patient[j], r, k, pred.slide.probs[j]) for j, sid in enumerate(pred.slide_ids)]
         self.faithful["attention"] |= result.attention
@@ -247,20 +255,23 @@ class CvResults:
         plan, s = self.plan, self.plan.settings
         classes = plan.cohort.classes
         metrics = metrics_header(s, plan.prepared.spec, classes)
+        if not plan.has_baseline:
+            metrics["notes"] = ["no CBC-only baseline: data.patient_features is empty"]
         if s.loss.has_classification:
             slide, from_slides = _slide_level(self.slides, plan.ids, plan.cohort, classes)
             metrics |= {
                 "patient": summarise_repeats(plan.y, self.patient_probs, classes),
                 "slide": slide,
                 "patient_from_slides": from_slides,
-                "baselines": {"cbc_only": {"patient": summarise_repeats(plan.y, self.cbc_probs, classes)}},
+                "baselines": {"cbc_only": {"patient": summarise_repeats(plan.y, self.cbc_probs, classes)}}
+                if plan.has_baseline else {},
             }
         if self.faithful["attention"]:
             metrics |= {method: {"diagnostic_auroc": diagnostic_auroc(per_patient, self.truth)}
                         for method, per_patient in self.faithful.items() if per_patient}
         if s.loss.has_survival:
-            metrics["survival"] = _survival_metrics(plan.time, plan.event, self.patient_risk, self.cbc_risk, folder,
-                                                    s.train.seed)
+            metrics["survival"] = _survival_metrics(plan.time, plan.event, self.patient_risk,
+                                                    self.cbc_risk if plan.has_baseline else None, folder, s.train.seed)
         info = plan.prepared.info
         return metrics | {
             "n_patients": len(plan.ids), "n_slides": len({rec[0] for rec in self.slides}), "folds": s.cv.folds,
@@ -289,7 +300,7 @@ def _slide_level(records: Sequence[tuple[str, str, int, int, np.ndarray]], ids: 
             classification_metrics(cohort.labels(with_slides), averaged, classes))
 
 
-def _survival_metrics(time_: np.ndarray, event: np.ndarray, risk: np.ndarray, cbc_risk: np.ndarray,
+def _survival_metrics(time_: np.ndarray, event: np.ndarray, risk: np.ndarray, cbc_risk: np.ndarray | None,
                       folder: Path, seed: int) -> dict[str, Any]:
     """C-index (with bootstrap CI) of the out-of-fold risks per repeat, KM tertiles and the CBC Cox baseline.
 
@@ -297,13 +308,15 @@ def _survival_metrics(time_: np.ndarray, event: np.ndarray, risk: np.ndarray, cb
     within-fold percentiles before the pooled c-index (a common, conservative choice).
     """
     model = _over_repeats(concordance_summary(time_, event, risk, seed=seed))
-    cbc = _over_repeats(concordance_summary(time_, event, cbc_risk, seed=seed))
     p_value = kaplan_meier_plot(time_, event, risk[0], folder / "km_risk_groups.png")
+    baselines = {}
+    if cbc_risk is not None:
+        cbc = _over_repeats(concordance_summary(time_, event, cbc_risk, seed=seed))
+        baselines["cbc_cox"] = {"c_index": {k: v for k, v in cbc.items() if k not in ("n", "events")}}
     return {
         "c_index": model, "logrank_p": p_value,
         "risk_groups": "tertiles of out-of-fold risk (repeat 0); curves in km_risk_groups.png",
-        "n_patients": model.pop("n"), "events": model.pop("events"),
-        "baselines": {"cbc_cox": {"c_index": {k: v for k, v in cbc.items() if k not in ("n", "events")}}},
+        "n_patients": model.pop("n"), "events": model.pop("events"), "baselines": baselines,
     }
 
 
@@ -338,8 +351,9 @@ def write_outputs(run: RunFolder, results: CvResults, metrics: Mapping[str, Any]
               [prediction_rows([sid], [plan.cohort.patients[pid].label], prob[None], classes, [(pid, k, r)])[0]
                for sid, pid, r, k, prob in results.slides])
     mean_probs = results.patient_probs.mean(axis=0)
-    plots = {"patient": (plan.y, mean_probs),
-             "baselines/cbc_only/patient": (plan.y, results.cbc_probs.mean(axis=0))}
+    plots = {"patient": (plan.y, mean_probs)}
+    if plan.has_baseline:
+        plots["baselines/cbc_only/patient"] = (plan.y, results.cbc_probs.mean(axis=0))
     publish(run, metrics, "predictions", ids, labels, mean_probs, classes,
             plots if plan.settings.loss.has_classification else {}, {"fold": results.fold_of[0].tolist()})
 
@@ -349,20 +363,21 @@ def _folds(plan: CvPlan, results: CvResults) -> Iterator[Fold]:
     s = plan.settings
     for r in range(s.cv.repeats):
         splits = plan.folds(r)
-        if s.loss.has_classification:
+        if s.loss.has_classification and plan.has_baseline:
             results.cbc_probs[r] = cross_val_proba(plan.cbc, plan.y, splits, len(plan.cohort.classes), s.train.seed)
         for k, (train_idx, test_idx) in enumerate(splits):
             yield plan.split(r, k, train_idx, test_idx)
 
 
-def run_cv(settings: Settings, cohort: Cohort, bags: str | Path, out: str | Path, *, overwrite: bool = False,
+def run_cv(settings: Settings, cohort: Cohort, bags: str | Path | None, out: str | Path, *, overwrite: bool = False,
            resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Patient-grouped, label-stratified K-fold cross-validation, repeated ``cv.repeats`` times.
 
     ``resume`` continues an interrupted run into ``out`` from its finished folds
     (:mod:`milhema.train.resume`), or returns the metrics of ``out`` if it is already complete.
     """
-    bags, out = Path(bags), Path(out)
+    out = Path(out)
+    bags = None if bags is None else Path(bags)
     finished = check_start(out, settings, resume=resume, overwrite=overwrite)
     if finished is not None:
         return finished

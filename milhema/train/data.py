@@ -30,7 +30,7 @@ from milhema.train.distributed import Ranks, shard
 
 
 class EmptyBagWarning(UserWarning):
-    """Patients whose slides yielded no cells take part with their CBC only."""
+    """Patients whose slides yielded no cells take part with their patient features (CBC) only."""
 
 
 @dataclass
@@ -126,7 +126,7 @@ def resolve_views(cohort: Cohort, configured: Sequence[str] | None) -> list[str]
     return found or ["all"]
 
 
-def inspect_bags(cohort: Cohort, bags: Path, patient_ids: Sequence[str],
+def inspect_bags(cohort: Cohort, bags: Path | None, patient_ids: Sequence[str],
                  feature_blocks: Sequence[str] | None = None) -> BagInfo:
     """Check that every slide of the patients has a bag and all bags share backbone and size."""
     info: BagInfo | None = None
@@ -135,9 +135,9 @@ def inspect_bags(cohort: Cohort, bags: Path, patient_ids: Sequence[str],
     for pid in patient_ids:
         cells = 0
         for slide in cohort.slides_of(pid):
-            path = bags / f"{slide.slide_id}.h5"
+            path = slide.bag_path(bags)
             if not path.exists():
-                raise BagError(f"slide {slide.slide_id}: no bag file in {bags} (run milhema embed first)")
+                raise BagError(f"slide {slide.slide_id}: no bag file {path} (run milhema embed first)")
             attrs = read_bag_attrs(path)
             cells += int(attrs["n_cells"])
             columns = block_columns(attrs, feature_blocks, f"slide {slide.slide_id}")
@@ -155,7 +155,7 @@ def inspect_bags(cohort: Cohort, bags: Path, patient_ids: Sequence[str],
     if empty:
         warnings.warn(f"{len(empty)} patient{'s' if len(empty) > 1 else ''} without any cell in their bags "
                       f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}): their predictions rest on "
-                      "the CBC alone", EmptyBagWarning, stacklevel=2)
+                      "their patient features (CBC) alone", EmptyBagWarning, stacklevel=2)
     return dataclasses.replace(info, n_cells=counts)
 
 
@@ -168,11 +168,12 @@ class BagStore:
     share a handle with the process that forked them.
     """
 
-    def __init__(self, cohort: Cohort, bags: str | Path, views: Sequence[str], cache: bool = True,
+    def __init__(self, cohort: Cohort, bags: str | Path | None, views: Sequence[str], cache: bool = True,
                  columns: Sequence[int] | None = None, max_open: int = 64,
-                 n_cells: Mapping[str, int] | None = None) -> None:
+                 n_cells: Mapping[str, int] | None = None, feature_dim: int | None = None) -> None:
         self.cohort = cohort
-        self.bags = Path(bags)
+        self.feature_dim = feature_dim  # the width of an empty bag (a patient without slides)
+        self.bags = None if bags is None else Path(bags)
         self.views = list(views)
         self.cache = cache
         self.columns = None if columns is None else np.asarray(columns)
@@ -199,7 +200,7 @@ class BagStore:
         if patient_id in self._cached:
             return self._cached[patient_id].n_cells
         if patient_id not in self._n_cells:
-            self._n_cells[patient_id] = sum(int(read_bag_attrs(self.bags / f"{s.slide_id}.h5")["n_cells"])
+            self._n_cells[patient_id] = sum(int(read_bag_attrs(s.bag_path(self.bags))["n_cells"])
                                             for s in self.cohort.slides_of(patient_id))
         return self._n_cells[patient_id]
 
@@ -233,15 +234,18 @@ class BagStore:
         parts = []
         slide_ids = []
         for i, slide in enumerate(self.cohort.slides_of(patient_id)):
-            bag = self._read(self.bags / f"{slide.slide_id}.h5")
+            bag = self._read(slide.bag_path(self.bags))
             if self.columns is not None:
                 bag.features = bag.features[:, self.columns]
             view = view_of.get(slide.view or "", 0) if len(self.views) > 1 else 0
             parts.append((bag, i, view))
             slide_ids.append(slide.slide_id)
-        dim = parts[0][0].feature_dim if parts else (0 if self.columns is None else len(self.columns))
+        if parts:
+            dim = parts[0][0].feature_dim
+        else:  # no slide: an empty bag as wide as the others, so it batches with them
+            dim = self.feature_dim if self.feature_dim is not None else 0 if self.columns is None else len(self.columns)
         label = self.cohort.labels([patient_id])[0]
-        cbc = self.cohort.cbc_matrix([patient_id])[0].astype(np.float32)
+        cbc = self.cohort.patient_matrix([patient_id])[0].astype(np.float32)
         time, event = self.cohort.follow_up([patient_id])
         follow_time, follow_event = float(time[0]), float(event[0])
         if not parts:

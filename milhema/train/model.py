@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from milhema.errors import MilhemaError
 from milhema.models import MILModel, MILOutput, create_model, model_params
 from milhema.settings import Settings
-from milhema.train.data import Batch
+from milhema.train.data import BagInfo, Batch
 from milhema.train.inputs import CBCEncoder, FeatureNorm
 from milhema.train.survival import SurvivalHead
 
@@ -43,19 +44,23 @@ class PatientModel(nn.Module):
         return out
 
 
-def model_spec(settings: Settings, in_dim: int, classes: Sequence[str], cbc_columns: Sequence[str],
+def model_spec(settings: Settings, in_dim: int, classes: Sequence[str], patient_features: Sequence[str],
                views: Sequence[str]) -> dict[str, Any]:
-    """Everything needed to rebuild the architecture (stored in the checkpoint's JSON)."""
+    """Everything needed to rebuild the architecture (stored in the checkpoint's JSON).
+
+    The patient-level inputs keep their first name in checkpoints: ``cbc_columns`` (the
+    ``patient_features`` the model reads, [] without fusion) and ``cbc_log_columns``.
+    """
     params = dict(settings.model.params)
     if "n_views" in model_params(settings.model.name):  # multi-view models: one view per slides.csv view
         params.setdefault("n_views", max(1, len(views)))
-    fusion = settings.fusion.mode
+    fusion = settings.fusion.mode if patient_features else "none"  # nothing to fuse: say so in metrics too
     loss = settings.loss
     return {
         "model": settings.model.name, "params": params, "fusion": fusion, "in_dim": int(in_dim),
         "classes": list(classes), "views": list(views),
-        "cbc_columns": list(cbc_columns) if fusion != "none" else [],
-        "cbc_log_columns": [c for c in settings.data.cbc_log_columns if c in cbc_columns],
+        "cbc_columns": list(patient_features) if fusion != "none" else [],
+        "cbc_log_columns": [c for c in settings.data.log_features if c in patient_features],
         "standardize_features": settings.data.standardize_features,
         "tasks": list(loss.task),
         # Bin edges of a discrete-time head are added from the training patients (train_model).
@@ -87,3 +92,19 @@ def _embedding_dim(mil: MILModel, in_dim: int, encoder: CBCEncoder | None) -> in
               view=torch.zeros(1, 2, dtype=torch.long))
     mil.train()
     return int(out.embedding.shape[-1])
+
+
+def check_inputs(spec: Mapping[str, Any], info: BagInfo, ids: Sequence[str]) -> None:
+    """Refuse patients the model has nothing to read from: no cell and no patient-level input.
+
+    A patient without cells is predicted from its patient features (the CBC) alone; a model
+    that reads none of them (``data.patient_features: []`` or ``fusion.mode: none``) cannot.
+    """
+    if spec["cbc_columns"]:
+        return
+    empty = [p for p in ids if info.n_cells.get(p, 1) == 0]
+    if empty:
+        who = f"patient {empty[0]} has" if len(empty) == 1 else f"patients {empty[0]} and {len(empty) - 1} more have"
+        raise MilhemaError(f"{who} no cell, and the model reads no patient feature (data.patient_features is "
+                           "empty or fusion.mode is none): give them slides, remove them from patients.csv, or "
+                           "fuse their CBC")

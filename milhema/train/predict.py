@@ -25,7 +25,7 @@ from milhema.settings import Settings
 from milhema.train.checkpoint import CheckpointError, check_compatible, load_checkpoint
 from milhema.train.data import BagInfo, BagStore, inspect_bags
 from milhema.train.inference import predict_patients
-from milhema.train.model import PatientModel
+from milhema.train.model import PatientModel, check_inputs
 from milhema.train.outputs import prediction_header, prediction_rows, write_cell_scores
 
 
@@ -88,9 +88,10 @@ class RunPrediction:
     risk: dict[str, float] | None = None   # survival runs: mean risk of the patient's models
 
 
-def load_run(run: str | Path, cohort: Cohort, bags: str | Path, patient_ids: Sequence[str]) -> LoadedRun:
+def load_run(run: str | Path, cohort: Cohort, bags: str | Path | None, patient_ids: Sequence[str]) -> LoadedRun:
     """Load every checkpoint of ``run`` and check it fits the bags of ``patient_ids``."""
-    run, bags = Path(run), Path(bags)
+    run = Path(run)
+    bags = None if bags is None else Path(bags)
     stems = sorted(p.with_suffix("") for p in (run / "checkpoints").glob("*.json"))
     if not stems:
         raise CheckpointError(f"{run}/checkpoints holds no checkpoint")
@@ -100,7 +101,10 @@ def load_run(run: str | Path, cohort: Cohort, bags: str | Path, patient_ids: Seq
     for (_, meta), stem in zip(models, stems, strict=True):
         check_compatible(meta, info, f"{run.name}/checkpoints/{stem.name}")
     classes = models[0][1]["spec"]["classes"]
+    for _, meta in models:
+        check_inputs(meta["spec"], info, patient_ids)
     store = BagStore(cohort, bags, models[0][1]["spec"]["views"], cache=True, columns=info.columns,
+                     feature_dim=info.feature_dim,
                      n_cells=info.n_cells)
     return LoadedRun(run, settings, models, classes, store, info)
 
@@ -143,7 +147,7 @@ def predict_run(loaded: LoadedRun, patient_ids: Sequence[str], device: torch.dev
     return RunPrediction(probs, counts, cells, class_cells, slides, slide_patient, risk)
 
 
-def run_predict(run: str | Path, cohort: Cohort, bags: str | Path, out: str | Path, *, ensemble: bool = False,
+def run_predict(run: str | Path, cohort: Cohort, bags: str | Path | None, out: str | Path, *, ensemble: bool = False,
                 overwrite: bool = False, device: str = "auto") -> dict[str, np.ndarray]:
     """Write predictions.csv, slide_predictions.csv and cell_scores/ into ``out``; return patient probabilities."""
     out = Path(out)

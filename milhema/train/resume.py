@@ -76,7 +76,7 @@ def config_fingerprint(settings: Settings) -> str:
     return _sha256(_result_config(settings.to_dict()))
 
 
-def cohort_fingerprint(cohort: Cohort, ids: Sequence[str], bags: Path, info: BagInfo) -> str:
+def cohort_fingerprint(cohort: Cohort, ids: Sequence[str], bags: Path | None, info: BagInfo) -> str:
     """SHA-256 of what the folds learn from: every patient's label, CBC, follow-up and slides, the
     size of every bag file, and the backbone, weights and feature columns of the bags.
 
@@ -86,8 +86,8 @@ def cohort_fingerprint(cohort: Cohort, ids: Sequence[str], bags: Path, info: Bag
     patients = []
     for pid in ids:
         p = cohort.patients[pid]
-        slides = [(s.slide_id, s.view, _size(bags / f"{s.slide_id}.h5")) for s in cohort.slides_of(pid)]
-        patients.append([pid, p.label, sorted(p.cbc.items()), p.time, p.event, slides])
+        slides = [(s.slide_id, s.view, _size(s.bag_path(bags))) for s in cohort.slides_of(pid)]
+        patients.append([pid, p.label, sorted(p.values.items()), p.time, p.event, slides])
     bag_info = [info.backbone, info.weights_sha256, info.feature_dim, info.columns]
     return _sha256({"patients": patients, "bags": bag_info, "classes": cohort.classes})
 

@@ -33,7 +33,7 @@ from milhema.train.distributed import Ranks
 from milhema.train.inference import predict
 from milhema.train.loop import fit
 from milhema.train.metrics import classification_metrics
-from milhema.train.model import PatientModel, build_model, model_spec
+from milhema.train.model import PatientModel, build_model, check_inputs, model_spec
 from milhema.train.survival import concordance_summary, time_bin_edges
 
 T = TypeVar("T")
@@ -61,7 +61,7 @@ class RunFolder:
     tracker: Tracker
 
 
-def prepare(settings: Settings, cohort: Cohort, bags: Path) -> Prepared:
+def prepare(settings: Settings, cohort: Cohort, bags: Path | None) -> Prepared:
     """Bags, model spec and the patients the task can learn from (labelled; or followed, for survival only)."""
     loss = settings.loss
     if loss.has_classification:
@@ -78,8 +78,10 @@ def prepare(settings: Settings, cohort: Cohort, bags: Path) -> Prepared:
                                f"patients.csv and {events} had the event (at least 4 and 2)")
     info = inspect_bags(cohort, bags, ids, settings.data.feature_blocks)
     views = resolve_views(cohort, settings.data.views)
-    store = BagStore(cohort, bags, views, cache=settings.data.cache, columns=info.columns, n_cells=info.n_cells)
-    spec = model_spec(settings, info.feature_dim, cohort.classes, cohort.cbc_columns, views)
+    store = BagStore(cohort, bags, views, cache=settings.data.cache, columns=info.columns, n_cells=info.n_cells,
+                     feature_dim=info.feature_dim)
+    spec = model_spec(settings, info.feature_dim, cohort.classes, cohort.patient_features, views)
+    check_inputs(spec, info, ids)
     return Prepared(store, info, spec, ids)
 
 
@@ -201,10 +203,11 @@ def publish(run: RunFolder, metrics: Mapping[str, Any], table: str, ids: Sequenc
     run.tracker.log_checkpoints(run.path / "checkpoints", run.out.name)
 
 
-def run_train(settings: Settings, cohort: Cohort, bags: str | Path, out: str | Path, *,
+def run_train(settings: Settings, cohort: Cohort, bags: str | Path | None, out: str | Path, *,
               overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """One model on all labelled patients, early-stopped on an inner validation split."""
-    bags, out = Path(bags), Path(out)
+    out = Path(out)
+    bags = None if bags is None else Path(bags)
     check_new_folder(out, overwrite=overwrite, what="run folder")
     prep = prepare(settings, cohort, bags)
     loss, t = settings.loss, settings.train

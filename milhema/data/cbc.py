@@ -1,4 +1,5 @@
-"""CBC reference ranges (adult, see docs/DOMAIN.md) and low/high flags for the patient report."""
+"""What milhema knows of the complete blood count: adult reference ranges (see docs/DOMAIN.md) and
+low/high flags (the patient report), and which columns are CBC quantities (never negative)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ REFERENCE_RANGES: dict[str, tuple[float, float, str]] = {
     "abc": (0.00, 0.06, "G/L"),
     "basophils": (0.00, 0.06, "G/L"),
 }
+
+
+def is_cbc_quantity(column: str) -> bool:
+    """Whether ``column`` (any case) names a CBC quantity milhema knows: a count, a concentration or an index."""
+    return column.lower() in REFERENCE_RANGES
 
 
 def cbc_flag(column: str, value: float) -> tuple[str, str]:
