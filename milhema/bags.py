@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 import h5py
 import numpy as np
 
-from milhema import __version__
 from milhema.errors import BagError, first_line
+from milhema.version import __version__
 
 FORMAT = "milhema-bag"
 FORMAT_VERSION = 1

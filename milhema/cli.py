@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from milhema import __version__
 from milhema.errors import MilhemaError
+from milhema.version import __version__
 
 if TYPE_CHECKING:
     from milhema.data.manifest import Cohort

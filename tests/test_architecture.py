@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "milhema"
 # is the data flow: a room never reaches up to a later step. A new import that breaks this is a
 # design change: change docs/ARCHITECTURE.md with it.
 ALLOWED = {
-    "milhema": set(),
+    "milhema": {"milhema.version", "milhema.api"},   # `milhema.load_run`, loaded on first use
+    "milhema.version": set(),
     "milhema.errors": set(),
     "milhema.io": {"milhema.errors"},
     "milhema.device": {"milhema.errors"},
@@ -25,25 +26,28 @@ ALLOWED = {
     "milhema.models": {"milhema.errors"},
     "milhema.config": {"milhema.errors", "milhema.models", "milhema.settings"},
     "milhema.data": {"milhema.errors", "milhema.io"},
-    "milhema.bags": {"milhema", "milhema.errors", "milhema.io"},
+    "milhema.bags": {"milhema.version", "milhema.errors", "milhema.io"},
     # Importers write manifests for public layouts: they list images (slides) and read feature files (bags).
     "milhema.importers": {"milhema.errors", "milhema.io", "milhema.data", "milhema.slides", "milhema.bags"},
     "milhema.tracking": {"milhema.errors", "milhema.privacy", "milhema.settings"},
     "milhema.slides": {"milhema.errors", "milhema.io", "milhema.data"},
     # The simulator writes the files the readers read (manifest, crop folders, scans with truth).
-    "milhema.synth": {"milhema", "milhema.errors", "milhema.io", "milhema.slides"},
-    "milhema.embed": {"milhema", "milhema.errors", "milhema.io", "milhema.device", "milhema.data", "milhema.bags",
+    "milhema.synth": {"milhema.version", "milhema.errors", "milhema.io", "milhema.slides"},
+    "milhema.embed": {"milhema.version", "milhema.errors", "milhema.io", "milhema.device", "milhema.data", "milhema.bags",
                       "milhema.slides"},
-    "milhema.train": {"milhema", "milhema.errors", "milhema.io", "milhema.device", "milhema.settings", "milhema.config",
+    "milhema.train": {"milhema.version", "milhema.errors", "milhema.io", "milhema.device", "milhema.settings", "milhema.config",
                       "milhema.models", "milhema.data", "milhema.bags", "milhema.tracking"},
     "milhema.explain": {"milhema.errors", "milhema.io", "milhema.device", "milhema.data", "milhema.bags",
                         "milhema.slides", "milhema.train"},
     "milhema.demo": {"milhema.config", "milhema.data", "milhema.embed", "milhema.explain", "milhema.io",
                      "milhema.synth", "milhema.tracking", "milhema.train"},
-    "milhema.cli": {"milhema", "milhema.errors", "milhema.settings", "milhema.config", "milhema.data", "milhema.importers",
+    "milhema.cli": {"milhema.version", "milhema.errors", "milhema.settings", "milhema.config", "milhema.data", "milhema.importers",
                     "milhema.synth", "milhema.embed", "milhema.train", "milhema.explain", "milhema.tracking",
                     "milhema.demo"},
     "milhema.__main__": {"milhema.cli"},
+    # The notebook API: a run folder as an object (inference, cell tables, figures).
+    "milhema.api": {"milhema.errors", "milhema.device", "milhema.settings", "milhema.bags", "milhema.slides",
+                    "milhema.train", "milhema.explain"},
 }
 
 

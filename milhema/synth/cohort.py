@@ -29,7 +29,6 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from milhema import __version__
 from milhema.errors import MilhemaError
 from milhema.io import atomic_folder, write_csv, write_text
 from milhema.slides.wsi import TRUTH_SUFFIX
@@ -45,6 +44,7 @@ from milhema.synth.crop import render_crop
 from milhema.synth.outcome import sample_follow_up
 from milhema.synth.smear import TRUTH_HEADER, default_size, plan_smear, write_smear
 from milhema.synth.stain import Stain
+from milhema.version import __version__
 
 DIAGNOSES = ("AML", "MDS", "VEXAS", "reactive")
 _AGE = {"AML": (65.0, 14.0), "MDS": (73.0, 9.0), "VEXAS": (68.0, 8.0), "reactive": (52.0, 19.0)}

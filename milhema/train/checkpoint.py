@@ -15,11 +15,11 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from milhema import __version__
 from milhema.errors import MilhemaError
 from milhema.io import write_text
 from milhema.train.data import BagInfo
 from milhema.train.model import PatientModel, build_model
+from milhema.version import __version__
 
 
 class CheckpointError(MilhemaError):
