@@ -373,8 +373,8 @@ def _check_names(key: str, value: Any, *, allow_empty_list: bool, null_hint: boo
 def _check_model(model: Mapping[str, Any], fusion: Mapping[str, Any], data: Mapping[str, Any]) -> None:
     """The model, its parameters and the fusion mode, checked here so a typo fails before any bag is read.
 
-    The model is built once on a toy input size, so a value its constructor refuses (``k: 0``)
-    fails now too; the global random state is left as it was.
+    The model is built once on a toy input size (on the meta device: no memory), so a value its
+    constructor refuses (``k: 0``) fails now too; the global random state is left as it was.
     """
     name, mode = model["name"], fusion["mode"]
     if not isinstance(name, str) or name not in list_models():
@@ -385,7 +385,8 @@ def _check_model(model: Mapping[str, Any], fusion: Mapping[str, Any], data: Mapp
                           f"{did_you_mean(mode, FUSION_MODES, cutoff=0.5)}")
     params = {k: v for k, v in model.items() if k != "name"}
     check_params(name, params)
-    with torch.random.fork_rng(devices=[]):
+    # On the meta device nothing is allocated: a huge hidden_dim is checked, not built.
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
         create_model(name, in_dim=8, n_classes=len(data["classes"]), cbc_dim=4 if data["patient_features"] else 0,
                      fusion=mode, **params)
 

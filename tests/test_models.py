@@ -380,3 +380,25 @@ def test_bfloat16_autocast_matches_float32(name: str, params: dict, fusion: str)
         loss = torch.nn.functional.cross_entropy(_run(model, batch).logits.float(), torch.tensor([0, 1, 2, 0]))
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_dsmil_trains_each_stream_on_its_own_and_averages_their_probabilities() -> None:
+    """DSMIL (Li et al. 2021): 0.5 · loss(max-instance stream) + 0.5 · loss(bag stream), and the prediction
+    is the mean of the two streams' probabilities, so the instance classifier is supervised on its own."""
+    from milhema.train.loop import task_loss
+
+    model = _build("dsmil", {}, "none").eval()
+    batch = _batch()
+    out = _run(model, batch)
+    assert out.stream_logits is not None and len(out.stream_logits) == 2
+    max_stream, bag_stream = out.stream_logits
+    expected = 0.5 * (torch.softmax(max_stream, -1) + torch.softmax(bag_stream, -1))
+    torch.testing.assert_close(torch.softmax(out.logits, -1), expected, atol=1e-6, rtol=0)
+    y = torch.tensor([0, 1, 2])
+    loss = task_loss(model, out, y, torch.zeros(3), torch.zeros(3), None, 1.0, 0.0)
+    ce = torch.nn.functional.cross_entropy
+    torch.testing.assert_close(loss, 0.5 * ce(max_stream, y) + 0.5 * ce(bag_stream, y))
+    # The max-instance loss alone reaches the instance classifier (it picks the critical cells).
+    model.zero_grad()
+    ce(max_stream, y).backward(retain_graph=True)
+    assert model.instance_classifier.weight.grad.abs().sum() > 0

@@ -26,6 +26,10 @@ class MILOutput:
         view_scores: ``[B, V]`` weight of each view (multi-view models), 0 for missing views.
         survival: raw output of a survival head on ``embedding`` (set by the training wrapper,
             never by a model): ``[B, 1]`` Cox log-risk or ``[B, K]`` discrete-time hazard logits.
+        stream_logits: for models with several prediction streams, each trained with its own
+            loss (DSMIL: max-instance and bag): their ``[B, K]`` logits. The classification loss
+            is then the mean of the streams' losses, and ``logits`` the log of the mean of their
+            probabilities (what inference reports).
     """
 
     logits: Tensor
@@ -34,6 +38,7 @@ class MILOutput:
     class_cell_scores: Tensor | None = None
     view_scores: Tensor | None = None
     survival: Tensor | None = None
+    stream_logits: tuple[Tensor, ...] | None = None
 
 
 def require(ok: bool, message: str) -> None:

@@ -2,8 +2,11 @@
 
 Stream 1 scores every cell with an instance classifier; its max per class is a max-pooling MIL
 prediction. Stream 2 takes, per class, the highest-scoring ("critical") cell and attends to all
-cells by query similarity to it, giving one bag embedding per class for a bag classifier. The
-final logits average both streams.
+cells by query similarity to it, giving one bag embedding per class for a bag classifier. As in
+the paper, each stream is trained with its own loss (0.5 each: ``stream_logits``) and the
+prediction averages the two streams' probabilities. The paper's loss is a per-class binary
+cross-entropy (multi-label); here each stream's is the multi-class cross-entropy milhema trains
+every model with.
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ class DSMIL(MILModel):
         attn = masked_softmax(sim, mask[..., None], dim=1)                       # [B, N, K]
         bags = torch.einsum("bnk,bnh->bkh", attn.to(h.dtype), self.value(h))      # [B, K, H]
         emb = self.fusion.bag(bags.flatten(1), cbc)
-        logits = 0.5 * (max_logits + self.bag_classifier(emb))
+        bag_logits = self.bag_classifier(emb)
+        # log of the mean of the two streams' probabilities: softmax(logits) is that mean.
+        probs = 0.5 * (torch.softmax(max_logits.float(), -1) + torch.softmax(bag_logits.float(), -1))
+        logits = torch.log(probs.clamp_min(1e-12))
         return MILOutput(logits=logits, cell_scores=predicted_class_scores(attn, logits), embedding=emb,
-                         class_cell_scores=attn)
+                         class_cell_scores=attn, stream_logits=(max_logits, bag_logits))

@@ -36,10 +36,16 @@ def task_weights(loss: LossSettings, model: PatientModel) -> tuple[float, float]
 
 def task_loss(model: PatientModel, out: Any, y: torch.Tensor, time: torch.Tensor, event: torch.Tensor,
               weights: torch.Tensor | None, cls_w: float, surv_w: float) -> torch.Tensor:
-    """Weighted sum of cross-entropy (patients with a label) and the survival loss (patients with follow-up)."""
+    """Weighted sum of cross-entropy (patients with a label) and the survival loss (patients with follow-up).
+
+    A model with several streams (``out.stream_logits``) is trained with the mean of their
+    cross-entropies, each stream on its own (DSMIL).
+    """
     loss = out.logits.float().sum() * 0.0
     if cls_w > 0 and bool((y >= 0).any()):
-        loss = loss + cls_w * F.cross_entropy(out.logits.float(), y, weight=weights, ignore_index=-1)
+        streams = out.stream_logits or (out.logits,)
+        ce = sum(F.cross_entropy(s.float(), y, weight=weights, ignore_index=-1) for s in streams) / len(streams)
+        loss = loss + cls_w * ce
     if surv_w > 0 and model.survival is not None:
         loss = loss + surv_w * model.survival.loss(out.survival.float(), time, event)
     return loss
