@@ -192,6 +192,18 @@ CASES: dict[str, tuple[Callable[[World, Path, Path], list[str]], str]] = {
     "header only": (manifest_case("patients.csv", "\nP0001,", "\n,"), "patients.csv row 2: patient_id is empty"),
     "missing column": (manifest_case("patients.csv", "patient_id,label,", "patient_id,diagnosis,"),
                        "patients.csv row 1: required column 'label' is missing; the header has 'patient_id, diagnosis, age"),
+    # a CBC name one letter from another is another quantity (anc, amc): only spellings are suggested
+    "CBC column named another way": (manifest_case("patients.csv", ",anc,", ",PNN,"),
+                                     "patients.csv row 1: required column 'anc' is missing; the header has "
+                                     "'patient_id, label, age, sex, wbc, rbc, hb, mcv, ...'"),
+    "CBC column with its unit": (manifest_case("patients.csv", ",anc,", ",ANC (G/L),"),
+                                 "patients.csv row 1: required column 'anc' is missing (found 'ANC (G/L)'; rename "
+                                 "it, with its values in the units of docs/DOMAIN.md)"),
+    "CBC column with a power of ten": (manifest_case("patients.csv", ",wbc,", ",wbc_10^9/L,"),
+                                       "required column 'wbc' is missing (found 'wbc_10^9/L'; rename it"),
+    "id column spelt another way": (manifest_case("slides.csv", "slide_id,", "Slide ID,"),
+                                    "slides.csv row 1: required column 'slide_id' is missing (found 'Slide ID'; "
+                                    "rename it)"),
     "row with a stray comma": (manifest_case("patients.csv", "\nP0002,MDS,", "\nP0002,MDS,,"),
                                "patients.csv row 3: 18 values for 17 columns"),
     "duplicate patient": (manifest_case("patients.csv", "\nP0002,", "\nP0001,"),
