@@ -25,13 +25,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from milhema.bags import read_bag_attrs, validate_bag, write_bag
+from milhema.bags import validate_bag, write_bag
 from milhema.data.manifest import Cohort, Slide
 from milhema.device import resolve_device
 from milhema.embed.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
 from milhema.embed.morphology import MORPHOLOGY_FEATURES, MORPHOLOGY_VERSION, morphology_features
 from milhema.errors import BagError, EmbedError, MilhemaError
-from milhema.slides.crops import check_crop_folder
+from milhema.slides.crops import CropFolder, check_crop_folder
 from milhema.slides.detect import DetectOptions
 from milhema.slides.source import CellSource, open_source
 
@@ -74,6 +74,9 @@ class EmbedReport:
     bad_images: int = 0
     cells: int = 0
     seconds: float = 0.0
+    too_deep: int = 0                                             # files skipped below cell-type folders
+    not_in_truth: dict[str, int] = field(default_factory=dict)    # slide -> images without a cells.csv row
+    truth_orphans: dict[str, int] = field(default_factory=dict)   # slide -> cells.csv rows without an image
 
     @property
     def cells_per_s(self) -> float:
@@ -89,9 +92,29 @@ class EmbedReport:
                      f"{', '.join(self.empty[:5])}")
         if self.bad_images:
             text += f"; {self.bad_images} unreadable image{'s' if self.bad_images > 1 else ''} skipped"
+        if self.too_deep:
+            text += f"; {self.too_deep} file{'s' if self.too_deep > 1 else ''} more than one folder deep skipped"
+        if self.not_in_truth:
+            text += f"; {_count(self.not_in_truth, 'image')} without a cells.csv row ({_which(self.not_in_truth)})"
+        if self.truth_orphans:
+            text += f"; {_count(self.truth_orphans, 'cells.csv row')} naming no image ({_which(self.truth_orphans)})"
         if self.detections:
             text = "\n".join([*self.detections, text])
         return text
+
+
+def _count(counts: dict[str, int], what: str) -> str:
+    """``"3 images"``: the total of a per-slide count."""
+    total = sum(counts.values())
+    return f"{total} {what}{'s' if total > 1 else ''}"
+
+
+def _which(counts: dict[str, int]) -> str:
+    """``"slide S1"`` / ``"2 slides: S1, S2"``: the slides a count of the summary comes from."""
+    names = list(counts)
+    if len(names) == 1:
+        return f"slide {names[0]}"
+    return f"{len(names)} slides: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -132,14 +155,24 @@ def embed_cohort(cohort: Cohort, out: str | Path, options: EmbedOptions | None =
         if source.qc:
             report.detections.append(source.qc)
             log.info(source.qc)
-        if source.slide is None:
-            check_crop_folder(slide.slide_id, slide.source, len(source), opts.fail_on_bad_image)
         sources.append(source)
+    for source in sources:
+        if source.crops is not None:
+            _check_crops(source.crops, opts.fail_on_bad_image, report)
     _check_mpp(sources, opts.morphology)
     start = time.perf_counter()
     _run(out, pending, sources, backbone, opts, report, workers)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _check_crops(crops: CropFolder, strict: bool, report: EmbedReport) -> None:
+    check_crop_folder(crops, strict)
+    report.too_deep += len(crops.too_deep)
+    if crops.not_in_truth:
+        report.not_in_truth[crops.slide_id] = len(crops.not_in_truth)
+    if crops.truth_orphans:
+        report.truth_orphans[crops.slide_id] = len(crops.truth_orphans)
 
 
 def _load(opts: EmbedOptions) -> Backbone | None:
@@ -169,11 +202,11 @@ def _finished(path: Path, signature: str) -> bool:
     if not path.exists():
         return False
     try:
-        validate_bag(path)
+        attrs = validate_bag(path)
     except BagError as exc:
         log.warning("%s; embedding it again", exc)
         return False
-    made_with = read_bag_attrs(path).get("embed_signature")
+    made_with = attrs.get("embed_signature")
     if made_with != signature:
         raise EmbedError(f"{path} was embedded with other settings ({made_with}); use --overwrite to redo it "
                          "or another --out folder")
