@@ -135,6 +135,54 @@ def test_training_and_explain_on_cell_type_folders(export: Path, tmp_path: Path)
     assert not [p for p in created if p.is_dir() and p.name in ("Blast", "Lymphocyte", "Neutrophil segmented")]
 
 
+def test_a_cohort_without_any_image_is_refused_and_writes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cohort = _cohort(tmp_path, {"S1": {}, "S2": {}, "S3": {}})
+    (cohort / "slides" / "S1" / "scan notes.txt").write_text("CellaVision export, 2019")
+    _crop(cohort / "slides" / "S2" / "Blast" / "2019" / "001.jpg", "blast", 1)
+    bags = tmp_path / "bags"
+    err = _refused(capsys, ["embed", "--cohort", str(cohort), "--out", str(bags), *EMBED])
+    assert err == ("milhema: error: no cell in any of the 3 slides: the 3 crop folders hold no images "
+                   "(.bmp, .jpeg, .jpg, .png, .tif, .tiff) and only 1 other file (e.g. 'scan notes.txt') and "
+                   "1 file more than one folder deep (e.g. 'Blast/2019/001.jpg'); put each slide's images in its "
+                   "folder or in one subfolder per cell type; check the sources in slides.csv")
+    assert not [p for p in bags.rglob("*") if p.is_file()]
+
+
+def test_a_cohort_of_unreadable_images_is_refused_and_keeps_no_bag(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cohort = _cohort(tmp_path, {"S1": {}, "S2": {}})
+    for slide in ("S1", "S2"):
+        (cohort / "slides" / slide / "Blast").mkdir()
+        (cohort / "slides" / slide / "Blast" / "001.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    bags = tmp_path / "bags"
+    err = _refused(capsys, ["embed", "--cohort", str(cohort), "--out", str(bags), *EMBED])
+    assert err.startswith("milhema: error: no cell in any of the 2 slides: all 2 images are unreadable "
+                          "(first: slide S1: Blast/001.jpg: not a readable image")
+    assert not [p for p in bags.rglob("*") if p.is_file()]
+
+
+def test_training_refuses_bags_without_any_cell_and_embed_redoes_empty_bags(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cohort = _cohort(tmp_path, {f"S{i}": {} for i in range(4)})
+    bags = tmp_path / "bags"
+    # Shards see only their own slides, so they write empty bags (training is where it is caught).
+    for shard in ("0/2", "1/2"):
+        assert main(["embed", "--cohort", str(cohort), "--out", str(bags), *EMBED, "--shard", shard]) == 0
+    assert [read_bag(bags / f"S{i}.h5").n_cells for i in range(4)] == [0, 0, 0, 0]
+    for command in ("train", "cv"):
+        err = _refused(capsys, [command, "--cohort", str(cohort), "--bags", str(bags), "--out",
+                                str(tmp_path / command), *SETTINGS])
+        assert err == (f"milhema: error: no cell in the bags of any of the 4 patients in {bags}: fix the crop "
+                       "folders or scans of slides.csv and run milhema embed again")
+        assert not (tmp_path / command).exists()
+    # Once the folders are fixed, embedding again fills the empty bags without --overwrite.
+    for i in range(4):
+        _crop(cohort / "slides" / f"S{i}" / "Blast" / "001.jpg", "blast", i)
+    assert main(["embed", "--cohort", str(cohort), "--out", str(bags), *EMBED]) == 0
+    assert [read_bag(bags / f"S{i}.h5").n_cells for i in range(4)] == [1, 1, 1, 1]
+
+
 def test_cells_csv_missing_rows_keeps_the_other_annotations(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
     crops = {"a.png": "blast", "b.png": "neutrophil", "c.png": "neutrophil", "Blast/d.jpg": "blast"}
