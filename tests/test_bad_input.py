@@ -192,6 +192,18 @@ CASES: dict[str, tuple[Callable[[World, Path, Path], list[str]], str]] = {
     "header only": (manifest_case("patients.csv", "\nP0001,", "\n,"), "patients.csv row 2: patient_id is empty"),
     "missing column": (manifest_case("patients.csv", "patient_id,label,", "patient_id,diagnosis,"),
                        "patients.csv row 1: required column 'label' is missing; the header has 'patient_id, diagnosis, age"),
+    # a CBC name one letter from another is another quantity (anc, amc): only spellings are suggested
+    "CBC column named another way": (manifest_case("patients.csv", ",anc,", ",PNN,"),
+                                     "patients.csv row 1: required column 'anc' is missing; the header has "
+                                     "'patient_id, label, age, sex, wbc, rbc, hb, mcv, ...'"),
+    "CBC column with its unit": (manifest_case("patients.csv", ",anc,", ",ANC (G/L),"),
+                                 "patients.csv row 1: required column 'anc' is missing (found 'ANC (G/L)'; rename "
+                                 "it, with its values in the units of docs/DOMAIN.md)"),
+    "CBC column with a power of ten": (manifest_case("patients.csv", ",wbc,", ",wbc_10^9/L,"),
+                                       "required column 'wbc' is missing (found 'wbc_10^9/L'; rename it"),
+    "id column spelt another way": (manifest_case("slides.csv", "slide_id,", "Slide ID,"),
+                                    "slides.csv row 1: required column 'slide_id' is missing (found 'Slide ID'; "
+                                    "rename it)"),
     "row with a stray comma": (manifest_case("patients.csv", "\nP0002,MDS,", "\nP0002,MDS,,"),
                                "patients.csv row 3: 18 values for 17 columns"),
     "duplicate patient": (manifest_case("patients.csv", "\nP0002,", "\nP0001,"),
@@ -304,14 +316,25 @@ def test_bad_crops_are_skipped_with_a_count(world: World, tmp_path: Path) -> Non
     assert "cell_9999.png" not in set(read_bag(out / f"{second.name}.h5").cell_ids)
 
 
-def test_scan_without_cells_gives_an_empty_bag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_scan_without_cells_gives_an_empty_bag(world: World, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     spec = plan_smear([], 768, 768, 0.25, (3, 1), Stain.default())   # red cells and platelets, no white cell
     write_smear(tmp_path / "scan.tiff", spec)
-    (tmp_path / "patients.csv").write_text("patient_id,label\nP1,AML\n")
+    (tmp_path / "patients.csv").write_text("patient_id,label\nP1,AML\nP2,MDS\n")
     (tmp_path / "slides.csv").write_text("slide_id,patient_id,source\nS1,P1,scan.tiff\n")
+    capsys.readouterr()
+    # Alone it is a cohort without a single cell: refused, and no bag written.
+    assert main(_embed(tmp_path, tmp_path / "alone")) == 2
+    assert capsys.readouterr().err == ("milhema: error: no cell in slide S1: no white cell was detected in the scan; "
+                                       "check that the scans are stained smears and that their microns per pixel "
+                                       "are right (the mpp column of slides.csv); check the sources in slides.csv\n")
+    assert not list((tmp_path / "alone").glob("*.h5"))
+    # Beside a slide with cells it gives an empty bag, reported.
+    crops = sorted((world.cohort / "slides").iterdir())[0]
+    (tmp_path / "slides.csv").write_text(f"slide_id,patient_id,source,mpp\nS1,P1,scan.tiff,\nS2,P2,{crops},0.375\n")
     assert main(_embed(tmp_path, tmp_path / "bags")) == 0
     assert "1 slide without cells: S1" in capsys.readouterr().out
-    assert read_bag(tmp_path / "bags" / "S1.h5").n_cells == 0
+    assert read_bag(tmp_path / "bags" / "S1.h5").n_cells == 0 and read_bag(tmp_path / "bags" / "S2.h5").n_cells > 0
 
 
 def test_cell_ids_never_become_paths(world: World, tmp_path: Path) -> None:

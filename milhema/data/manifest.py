@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from milhema.data.cbc import is_cbc_quantity
-from milhema.errors import ManifestError, closest, did_you_mean
+from milhema.errors import ManifestError, did_you_mean
 
 PATIENTS_FILE = "patients.csv"
 SLIDES_FILE = "slides.csv"
@@ -192,9 +192,11 @@ def _read_table(path: Path, required: Iterable[str]) -> tuple[list[str], list[tu
         raise ManifestError(f"{path.name} row 1: column {duplicated[0]!r} appears twice in the header")
     for column in required:
         if column not in header:
-            hint = closest(column, header)
+            hint, with_unit = _same_column(column, header)
             found = ", ".join(header[:8]) + (", ..." if len(header) > 8 else "")
-            extra = f" (found {hint[0]!r}; rename it)" if hint else f"; the header has {_shown(found)}"
+            # A unit in the name may not be milhema's (Hb in g/L, not g/dL): renaming must not hide it.
+            unit = ", with its values in the units of docs/DOMAIN.md" if with_unit else ""
+            extra = f" (found {hint!r}; rename it{unit})" if hint else f"; the header has {_shown(found)}"
             raise ManifestError(f"{path.name} row 1: required column {column!r} is missing{extra}")
     rows = []
     for offset, values in enumerate(body):
@@ -208,6 +210,44 @@ def _read_table(path: Path, required: Iterable[str]) -> tuple[list[str], list[tu
             )
         rows.append((row_number, {h: v.strip() for h, v in zip(header, values, strict=True)}))
     return header, rows, delimiter == ";"
+
+
+# "wbc (G/L)", "plt [10^9/L]": a name, then its unit in brackets.
+_BRACKET_UNIT = re.compile(r"(?P<name>.+?)\s*[(\[](?P<unit>[^()\[\]]*)[)\]]")
+# Units written without '/', '%' or a power of ten.
+_BARE_UNITS = frozenset({"fl", "pg", "g", "mg", "l", "ul", "µl", "μl", "nl", "mm3", "giga", "tera"})
+
+
+def _same_column(column: str, header: Sequence[str]) -> tuple[str | None, bool]:
+    """The header entry that is ``column`` spelt another way, if any: other case, spaces, ``_`` or
+    ``-``, or a unit after it (``WBC``, ``wbc (G/L)``, ``wbc_10^9/L``); and whether it has a unit.
+
+    Only spellings: CBC names differ by one letter between quantities (``anc``, ``amc``,
+    ``alc``), so a merely similar name is another measurement and is never suggested.
+    """
+    want = _letters(column)
+    for entry in header:
+        text = entry.strip()
+        if _letters(text) == want:
+            return entry, False
+        names = [text[:i] for i, char in enumerate(text) if char in " _" and _is_unit(text[i + 1:])]
+        bracket = _BRACKET_UNIT.fullmatch(text)
+        if bracket and _is_unit(bracket["unit"]):
+            names.append(bracket["name"])
+        if any(_letters(name) == want for name in names):
+            return entry, True
+    return None, False
+
+
+def _is_unit(text: str) -> bool:
+    """Whether ``text`` reads as a unit (``G/L``, ``10^9/L``, ``%``, ``fL``, ``x10e9``), not a word such as ``a1c``."""
+    unit = text.strip().lower()
+    return bool(unit) and ("/" in unit or "%" in unit or "^" in unit or unit in _BARE_UNITS
+                           or re.fullmatch(r"[x×*]?\s*10\s*(e|\*\*)?\s*\d+", unit) is not None)
+
+
+def _letters(name: str) -> str:
+    return re.sub(r"[\s_-]+", "", name).lower()
 
 
 def _parse_number(raw: str, *, decimal_comma: bool, where: str, what: str) -> float:

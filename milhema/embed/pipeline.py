@@ -25,13 +25,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from milhema.bags import read_bag_attrs, validate_bag, write_bag
+from milhema.bags import validate_bag, write_bag
 from milhema.data.manifest import Cohort, Slide
 from milhema.device import resolve_device
 from milhema.embed.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
 from milhema.embed.morphology import MORPHOLOGY_FEATURES, MORPHOLOGY_VERSION, morphology_features
 from milhema.errors import BagError, EmbedError, MilhemaError
-from milhema.slides.crops import check_crop_folder
+from milhema.slides.crops import IMAGE_SUFFIXES, CropFolder, check_crop_folder
 from milhema.slides.detect import DetectOptions
 from milhema.slides.source import CellSource, open_source
 
@@ -72,8 +72,12 @@ class EmbedReport:
     empty: list[str] = field(default_factory=list)
     detections: list[str] = field(default_factory=list)   # one QC line per scanned slide
     bad_images: int = 0
+    first_bad_image: str = ""
     cells: int = 0
     seconds: float = 0.0
+    too_deep: int = 0                                             # files skipped below cell-type folders
+    not_in_truth: dict[str, int] = field(default_factory=dict)    # slide -> images without a cells.csv row
+    truth_orphans: dict[str, int] = field(default_factory=dict)   # slide -> cells.csv rows without an image
 
     @property
     def cells_per_s(self) -> float:
@@ -89,9 +93,29 @@ class EmbedReport:
                      f"{', '.join(self.empty[:5])}")
         if self.bad_images:
             text += f"; {self.bad_images} unreadable image{'s' if self.bad_images > 1 else ''} skipped"
+        if self.too_deep:
+            text += f"; {self.too_deep} file{'s' if self.too_deep > 1 else ''} more than one folder deep skipped"
+        if self.not_in_truth:
+            text += f"; {_count(self.not_in_truth, 'image')} without a cells.csv row ({_which(self.not_in_truth)})"
+        if self.truth_orphans:
+            text += f"; {_count(self.truth_orphans, 'cells.csv row')} naming no image ({_which(self.truth_orphans)})"
         if self.detections:
             text = "\n".join([*self.detections, text])
         return text
+
+
+def _count(counts: dict[str, int], what: str) -> str:
+    """``"3 images"``: the total of a per-slide count."""
+    total = sum(counts.values())
+    return f"{total} {what}{'s' if total > 1 else ''}"
+
+
+def _which(counts: dict[str, int]) -> str:
+    """``"slide S1"`` / ``"2 slides: S1, S2"``: the slides a count of the summary comes from."""
+    names = list(counts)
+    if len(names) == 1:
+        return f"slide {names[0]}"
+    return f"{len(names)} slides: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -137,14 +161,64 @@ def embed_cohort(cohort: Cohort, out: str | Path, options: EmbedOptions | None =
         if source.qc:
             report.detections.append(source.qc)
             log.info(source.qc)
-        if source.slide is None:
-            check_crop_folder(slide.slide_id, slide.source, len(source), opts.fail_on_bad_image)
         sources.append(source)
+    # Bags of other slides hold cells when some were skipped; a shard sees only its own slides.
+    whole_cohort = count == 1 and not report.skipped
+    if whole_cohort and not any(len(source) for source in sources):
+        raise EmbedError(_nothing_found(sources))
+    for source in sources:
+        if source.crops is not None:
+            _check_crops(source.crops, opts.fail_on_bad_image, report)
     _check_mpp(sources, opts.morphology)
     start = time.perf_counter()
     _run(out, pending, sources, backbone, opts, report, workers)
     report.seconds = time.perf_counter() - start
+    if whole_cohort and report.cells == 0:
+        # Every listed cell was unreadable: empty bags would pass for a finished embedding.
+        for slide_id in report.written:
+            (out / f"{slide_id}.h5").unlink(missing_ok=True)
+        n = report.bad_images
+        raise EmbedError(f"{_no_cell_in(sources)}: {'all ' if n > 1 else ''}{n} image{'s are' if n > 1 else ' is'} "
+                         f"unreadable (first: {report.first_bad_image}); re-export them as PNG, JPEG, TIFF or BMP")
     return report
+
+
+def _no_cell_in(sources: list[CellSource]) -> str:
+    return f"no cell in any of the {len(sources)} slides" if len(sources) > 1 else f"no cell in slide {sources[0].slide_id}"
+
+
+def _check_crops(crops: CropFolder, strict: bool, report: EmbedReport) -> None:
+    check_crop_folder(crops, strict)
+    report.too_deep += len(crops.too_deep)
+    if crops.not_in_truth:
+        report.not_in_truth[crops.slide_id] = len(crops.not_in_truth)
+    if crops.truth_orphans:
+        report.truth_orphans[crops.slide_id] = len(crops.truth_orphans)
+
+
+def _nothing_found(sources: list[CellSource]) -> str:
+    """What the sources of a cohort without a single cell hold instead, for the one-line error."""
+    folders = [s.crops for s in sources if s.crops is not None]
+    scans = len(sources) - len(folders)
+    found, fixes = [], []
+    if folders:
+        others = [name for crops in folders for name in crops.not_images]
+        deep = [name for crops in folders for name in crops.too_deep]
+        held = []
+        if others:
+            held.append(f"{len(others)} other file{'s' if len(others) > 1 else ''} (e.g. {others[0]!r})")
+        if deep:
+            held.append(f"{len(deep)} file{'s' if len(deep) > 1 else ''} more than one folder deep "
+                        f"(e.g. {deep[0]!r})")
+        what = f"only {' and '.join(held)}" if held else "nothing else"
+        found.append(f"the {'crop folder holds' if len(folders) == 1 else f'{len(folders)} crop folders hold'} "
+                     f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and {what}")
+        fixes.append("put each slide's images in its folder or in one subfolder per cell type")
+    if scans:
+        found.append(f"no white cell was detected in {'the scan' if scans == 1 else f'the {scans} scans'}")
+        fixes.append("check that the scans are stained smears and that their microns per pixel are right "
+                     "(the mpp column of slides.csv)")
+    return f"{_no_cell_in(sources)}: {'; '.join(found)}; {', and '.join(fixes)}; check the sources in slides.csv"
 
 
 def _load(opts: EmbedOptions) -> Backbone | None:
@@ -170,19 +244,21 @@ def _signature(opts: EmbedOptions, backbone: Backbone | None, scan: bool) -> str
 
 
 def _finished(path: Path, signature: str) -> bool:
-    """A valid bag made the same way; a bag made another way is an error, not silently mixed."""
+    """A valid bag with cells made the same way; a bag made another way is an error, not silently mixed."""
     if not path.exists():
         return False
     try:
-        validate_bag(path)
+        attrs = validate_bag(path)
     except BagError as exc:
         log.warning("%s; embedding it again", exc)
         return False
-    made_with = read_bag_attrs(path).get("embed_signature")
+    made_with = attrs.get("embed_signature")
     if made_with != signature:
         raise EmbedError(f"{path} was embedded with other settings ({made_with}); use --overwrite to redo it "
                          "or another --out folder")
-    return True
+    # An empty bag costs nothing to redo, and its source may have been fixed since (images added,
+    # a layout this version reads): it is listed again rather than kept.
+    return int(attrs["n_cells"]) > 0
 
 
 def _remove_stale_temporaries(out: Path, slide_id: str) -> None:
@@ -293,6 +369,7 @@ def _run(out: Path, slides: list[Slide], sources: list[CellSource], backbone: Ba
                         if opts.fail_on_bad_image:
                             raise EmbedError(message)
                         log.warning("%s; skipped", message)
+                        report.first_bad_image = report.first_bad_image or message
                     report.bad_images += int((~ok).sum())
                 parts = []
                 if model is not None:

@@ -22,7 +22,7 @@ import numpy as np
 from milhema.data.manifest import Slide
 from milhema.errors import MilhemaError
 from milhema.io import write_csv, write_text
-from milhema.slides.crops import list_crops, read_crop
+from milhema.slides.crops import CropFolder, list_crops, read_crop
 from milhema.slides.detect import DETECTORS, Detections, DetectOptions, match_points
 from milhema.slides.wsi import WholeSlide, is_wsi, read_scan_truth, truth_path
 
@@ -48,6 +48,7 @@ class CellSource:
     mpp: float | None
     crop_px: int                    # side of a crop at the source's resolution (0: as stored)
     paths: tuple[Path, ...] = ()    # crop folders
+    crops: CropFolder | None = None  # crop folders: what the listing found besides the cells
     slide: WholeSlide | None = None  # scans
     qc: str = ""
 
@@ -57,7 +58,7 @@ class CellSource:
     def read(self, i: int) -> np.ndarray:
         """Cell ``i`` as RGB uint8 [h, w, 3]: the crop file, or a ``crop_px`` square cut from level 0."""
         if self.slide is None:
-            return read_crop(self.paths[i])
+            return read_crop(self.paths[i], f"slide {self.slide_id}: {self.cell_ids[i]}")
         x, y = self.coords[i]
         half = self.crop_px // 2
         return self.slide.read_cached(int(round(x)) - half, int(round(y)) - half, self.crop_px, self.crop_px)
@@ -78,7 +79,7 @@ def open_source(slide: Slide, detections_dir: Path, crop_um: float, detector: st
         return CellSource(slide.slide_id, crops.cell_ids, np.full((n, 2), np.nan, np.float32), None,
                           None if crops.cell_types is None else list(crops.cell_types),
                           None if crops.diagnostic is None else np.array(crops.diagnostic, dtype=bool),
-                          slide.mpp, 0, paths=crops.paths)
+                          slide.mpp, 0, paths=crops.paths, crops=crops)
     if not source.exists():
         raise MilhemaError(f"slide {slide.slide_id}: source {source} does not exist")
     if not is_wsi(source):

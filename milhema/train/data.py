@@ -152,6 +152,10 @@ def inspect_bags(cohort: Cohort, bags: Path | None, patient_ids: Sequence[str],
     if info is None:
         raise BagError(f"no slides to train on in {bags}")
     empty = [pid for pid, n in counts.items() if n == 0]
+    if len(empty) == len(counts):  # a model of cells cannot learn (or predict) from no cell at all
+        who = f"any of the {len(counts)} patients" if len(counts) > 1 else f"patient {empty[0]}"
+        raise BagError(f"no cell in the bags of {who} in {bags}: fix the crop folders or scans of slides.csv "
+                       "and run milhema embed again")
     if empty:
         warnings.warn(f"{len(empty)} patient{'s' if len(empty) > 1 else ''} without any cell in their bags "
                       f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}): their predictions rest on "
