@@ -261,3 +261,24 @@ def test_aml_hehr_end_to_end(tmp_path: Path, capsys) -> None:
                  "--out", str(tmp_path / "why"), "--patient", "P00", "-q"]) == 0
     report = (tmp_path / "why" / "P00" / "report.html").read_text()
     assert "pb_myeloblast" in report
+
+
+def test_cellavision_end_to_end_names_the_cell_types(tmp_path: Path) -> None:
+    """import -> embed (cell-type folders walked) -> cv -> explain, whose report names the analyser's types."""
+    src, labels = cellavision_tree(tmp_path / "export", n_patients=12, slides=True)
+    cohort, bags = tmp_path / "cohort", tmp_path / "bags"
+    assert main(["import", "cellavision", str(src), "--out", str(cohort), "--labels", str(labels), "--mpp", "0.5",
+                 "-q"]) == 0
+    config = str(cohort / "config.yaml")
+    assert main(["embed", "--config", config, "--cohort", str(cohort), "--out", str(bags), "--backbone", "none",
+                 "--morphology", "-q"]) == 0
+    assert main(["cv", "--config", config, "--cohort", str(cohort), "--bags", str(bags), "--out",
+                 str(tmp_path / "run"), "--folds", "3", "-q", "--set", "train.epochs=5", "tracking.mode=disabled"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["classes"] == ["AML", "reactive"] and metrics["n_patients"] == 11   # PAT-04 has no label
+    assert main(["explain", "--run", str(tmp_path / "run"), "--cohort", str(cohort), "--bags", str(bags),
+                 "--out", str(tmp_path / "why"), "--patient", "PAT-01", "-q"]) == 0
+    report = (tmp_path / "why" / "PAT-01" / "report.html").read_text()
+    assert "Blast" in report and "Neutrophil segmented" in report
+    cells = _rows(tmp_path / "why" / "PAT-01" / "cell_scores.csv")
+    assert {c["cell_type"] for c in cells} == {"Blast", "Neutrophil segmented", "Lymphocyte"}

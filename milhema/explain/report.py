@@ -39,6 +39,9 @@ class ReportContent:
     date: str
     n_cells: int
     n_models: int
+    # (type, cells, cells among the most attended) from the bags' cell types; empty without types.
+    cell_types: list[tuple[str, int, int]] = field(default_factory=list)
+    top_k: int = 0
     heatmaps: list[tuple[str, bytes]] = field(default_factory=list)
     galleries: list[tuple[str, bytes]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -68,8 +71,14 @@ def render_report(c: ReportContent) -> str:
         shown = "—" if flag == "missing" else f"{value:g}"
         cbc_rows += (f'<tr><td>{e(column)}</td><td class="{flag}">{e(shown)}</td><td>{e(reference)}</td>'
                      f'<td class="{flag}">{e(flag)}</td></tr>')
-    cbc_html = (f"<table><tr><th>CBC</th><th>value</th><th>reference</th><th>flag</th></tr>{cbc_rows}</table>"
-                if cbc_rows else "<p>No CBC columns in the run's config.</p>")
+    cbc_html = (f"<table><tr><th>feature</th><th>value</th><th>reference</th><th>flag</th></tr>{cbc_rows}</table>"
+                if cbc_rows else "<p>No patient features (CBC) in the run's config.</p>")
+    type_rows = "".join(f"<tr><td>{e(name)}</td><td>{n}</td><td>{100 * n / max(c.n_cells, 1):.1f} %</td><td>{top}</td></tr>"
+                        for name, n, top in c.cell_types)
+    types_html = (f"<h2>Cells by type</h2><p class=\"meta\">As annotated in the bags (analyser folders, cells.csv);"
+                  f" the last column counts them among the {c.top_k} most attended cells.</p>"
+                  f"<table><tr><th>cell type</th><th>cells</th><th>share</th><th>top {c.top_k}</th></tr>"
+                  f"{type_rows}</table>" if type_rows else "")
     truth = e(c.label) if c.label else "unknown"
     notes = "".join(f"<li>{e(n)}</li>" for n in c.notes)
     return f"""<!DOCTYPE html>
@@ -82,7 +91,8 @@ model {e(c.model)}, CBC fusion {e(c.fusion)}, backbone {e(c.backbone)}; {c.n_mod
 <h2>Prediction</h2>
 <p>Predicted: <b>{e(c.classes[pred]) if pred >= 0 else "—"}</b>. True label: {truth}.</p>
 <table><tr><th>class</th><th>probability</th><th></th></tr>{prob_rows}</table>
-<h2>Blood count</h2>{cbc_html}
+<h2>Blood count and patient features</h2>{cbc_html}
+{types_html}
 <h2>Where the model looked</h2>{_figures(c.heatmaps)}
 <h2>Cell galleries</h2>{_figures(c.galleries)}
 {f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}

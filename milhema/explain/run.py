@@ -54,6 +54,18 @@ def cell_rows(cells: PatientCells, s: PatientScores, pct: np.ndarray,
     return header, rows
 
 
+def type_counts(cell_types: np.ndarray | None, scores: np.ndarray, top_k: int) -> list[tuple[str, int, int]]:
+    """``(type, cells, cells among the top_k by score)`` per annotated cell type, most frequent first."""
+    if cell_types is None or not len(cell_types):
+        return []
+    types = np.asarray(cell_types, object)
+    top = set(np.argsort(-np.asarray(scores), kind="stable")[:top_k].tolist())
+    names, counts = np.unique(types.astype(str), return_counts=True)
+    rows = [(name or "(no type)", int(n), sum(1 for i in np.flatnonzero(types == name) if i in top))
+            for name, n in zip(names, counts, strict=True)]
+    return sorted(rows, key=lambda r: (-r[1], r[0]))
+
+
 def _num(value: float) -> str:
     return f"{value:.1f}" if np.isfinite(value) else ""
 
@@ -106,7 +118,7 @@ def run_explain(run: str | Path, cohort: Cohort, bags: str | Path | None, out: s
                 cbc={c: float(patient.values.get(c, float("nan"))) for c in patient_features}, method=method,
                 run=str(run), model=str(spec["model"]), fusion=str(spec["fusion"]), backbone=loaded.info.backbone,
                 date=date, n_cells=cells.n_cells, n_models=s.n_models, heatmaps=heatmaps, galleries=galleries,
-                notes=notes)
+                notes=notes, cell_types=type_counts(cells.cell_types, s.scores, top_k), top_k=top_k)
             write_text(folder / "report.html", render_report(content))
             all_features.append(np.asarray(cells.features, np.float32))
             all_pct.append(pct)
