@@ -99,8 +99,7 @@ class Run:
         class_scores: np.ndarray | None = None
         risks: list[float] = []
         for model, _ in self.models:
-            result = predict_patients(model, [bag], self.settings.train.batch_size, self.device,
-                                      self.settings.train.amp)
+            result = predict_patients(model, [bag], self.settings.train.batch_size, self.device)
             patient = result.patient
             probs, scores, slides = probs + patient.probs[0], scores + patient.cell_scores[0], slides + result.slide.probs
             per_class = patient.class_cell_scores[0]

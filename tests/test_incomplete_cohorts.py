@@ -124,3 +124,18 @@ def test_configs_with_the_old_cbc_key_names_still_load(tmp_path: Path) -> None:
     with pytest.warns(FutureWarning, match="'data.cbc_columns' is now called 'data.patient_features'"):
         settings = load_config(path)
     assert settings.data.patient_features == ("wbc", "hb") and settings.data.log_features == ("wbc",)
+
+
+def test_a_slide_whose_view_the_model_does_not_know_is_refused(tmp_path: Path, capsys) -> None:
+    cohort, bags = planted_cohort(tmp_path, n_patients=12)
+    slides = _rows(cohort / "slides.csv")
+    slides[3]["view"] = "pb"   # a typo of PB: it used to become view 0 without a word
+    _write_rows(cohort / "slides.csv", slides)
+    args = ["--cohort", str(cohort), "--bags", str(bags), "-q", *SET, "data.patient_features=[wbc, hb]"]
+    code = main(["cv", "--out", str(tmp_path / "mv"), *args, "model.name=multiview", "data.views=[PB, BM]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0] == (f"milhema: error: slides.csv row 5: slide {slides[3]['slide_id']} has view 'pb', not one of "
+                      "the model's views PB, BM (data.views); give it one of them or add it to data.views")
+    # A model that pools all slides alike does not need views: the same cohort trains.
+    assert main(["cv", "--out", str(tmp_path / "ab"), *args]) == 0

@@ -281,3 +281,26 @@ def test_patients_without_cells_are_named_in_a_warning(tmp_path: Path) -> None:
     with pytest.warns(EmptyBagWarning, match=r"1 patient without any cell in their bags \(P02\)"):
         metrics = run_train(_config("train.epochs=2"), cohort, bags, tmp_path / "run", progress=False)
     assert metrics["n_patients"] == 12  # kept, with the CBC alone
+
+
+def test_cell_scores_are_float32_even_under_a_callers_autocast(cv_run, planted) -> None:
+    """bf16 rounds attention logits into ties (issue: 400 distinct scores became 148-327); inference
+    computes in float32 whatever autocast its caller runs under."""
+    out, _ = cv_run
+    model, meta = load_checkpoint(out / "checkpoints" / "r0_f0")
+    cohort = load_cohort(planted[0], CLASSES, ["wbc", "hb"])
+    bags = BagStore(cohort, planted[1], meta["spec"]["views"]).many(cohort.patient_ids[:6])
+    reference = predict(model, bags, 6, device=torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_amp = predict(model, bags, 6, device=torch.device("cpu"))
+    for a, b in zip(reference.cell_scores, under_amp.cell_scores, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert len(np.unique(b)) == len(b)   # no ties among the cells of a bag
+    np.testing.assert_array_equal(reference.probs, under_amp.probs)
+    # What float32 avoids: the same forward pass in bf16 ties cells (the old CUDA evaluation path).
+    batch = collate(list(bags))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = model.eval()(batch).cell_scores
+    tied = sum(len(s) - len(np.unique(s.float().numpy()[: len(s)])) for s in scores[batch.mask].split(
+        batch.mask.sum(1).tolist()))
+    assert tied > 0

@@ -194,7 +194,7 @@ def score_fold(plan: CvPlan, fold: Fold, model: PatientModel, device: torch.devi
     """Predictions of the fold's test patients (bags read once), risks, and faithfulness scores on repeat 0."""
     s, split = plan.settings, fold.split
     bags = list(plan.prepared.store.many(split.test))
-    result = FoldResult(fold, predict_patients(model, bags, s.train.batch_size, device, s.train.amp, ranks), bags)
+    result = FoldResult(fold, predict_patients(model, bags, s.train.batch_size, device, ranks), bags)
     patient = result.predictions.patient
     if s.loss.has_survival and patient.risk is not None:
         train, test = fold.train_idx, fold.test_idx

@@ -25,7 +25,7 @@ import torch
 
 from milhema.bags import Bag, open_bag, read_bag_attrs, read_open_bag
 from milhema.data.manifest import Cohort
-from milhema.errors import BagError
+from milhema.errors import BagError, ManifestError
 from milhema.train.distributed import Ranks, shard
 
 
@@ -124,6 +124,22 @@ def resolve_views(cohort: Cohort, configured: Sequence[str] | None) -> list[str]
         return list(configured)
     found = sorted({s.view for s in cohort.slides if s.view})
     return found or ["all"]
+
+
+def check_views(cohort: Cohort, patient_ids: Sequence[str], views: Sequence[str]) -> None:
+    """Refuse a slide whose ``view`` is not one of ``views`` (when there are several to tell apart).
+
+    Raises:
+        ManifestError: naming the slide, its view and the views the model knows.
+    """
+    if len(views) < 2:
+        return
+    for pid in patient_ids:
+        for slide in cohort.slides_of(pid):
+            if slide.view not in views:
+                raise ManifestError(f"slides.csv row {slide.row}: slide {slide.slide_id} has view {slide.view or '(empty)'!r}, "
+                                    f"not one of the model's views {', '.join(views)} (data.views); give it one of "
+                                    "them or add it to data.views")
 
 
 def inspect_bags(cohort: Cohort, bags: Path | None, patient_ids: Sequence[str],

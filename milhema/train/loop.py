@@ -158,7 +158,7 @@ def evaluate(model: PatientModel, bags: Sequence[PatientBag], settings: Settings
     if not bags:
         return {"val_loss": math.nan}
     bags = as_bags(bags)
-    pred = predict(model, bags, settings.train.batch_size, device=device, amp=settings.train.amp, ranks=ranks)
+    pred = predict(model, bags, settings.train.batch_size, device=device, ranks=ranks)
     y = torch.from_numpy(bags.labels)
     time = torch.from_numpy(bags.times).float()
     event = torch.from_numpy(bags.events).float()

@@ -23,7 +23,7 @@ from milhema.errors import MilhemaError
 from milhema.io import atomic_folder, check_new_folder, write_csv
 from milhema.settings import Settings
 from milhema.train.checkpoint import CheckpointError, check_compatible, load_checkpoint
-from milhema.train.data import BagInfo, BagStore, inspect_bags
+from milhema.train.data import BagInfo, BagStore, check_views, inspect_bags
 from milhema.train.inference import predict_patients
 from milhema.train.model import PatientModel, check_inputs
 from milhema.train.outputs import prediction_header, prediction_rows, write_cell_scores
@@ -103,6 +103,8 @@ def load_run(run: str | Path, cohort: Cohort, bags: str | Path | None, patient_i
     classes = models[0][1]["spec"]["classes"]
     for _, meta in models:
         check_inputs(meta["spec"], info, patient_ids)
+    if "n_views" in models[0][1]["spec"]["params"]:
+        check_views(cohort, patient_ids, models[0][1]["spec"]["views"])
     store = BagStore(cohort, bags, models[0][1]["spec"]["views"], cache=True, columns=info.columns,
                      feature_dim=info.feature_dim,
                      n_cells=info.n_cells)
@@ -123,7 +125,7 @@ def predict_run(loaded: LoadedRun, patient_ids: Sequence[str], device: torch.dev
     for (model, _), assigned in zip(loaded.models, loaded.assignments(patient_ids, ensemble), strict=True):
         if not assigned:
             continue
-        result = predict_patients(model, loaded.store.many(assigned), t.batch_size, device, t.amp)
+        result = predict_patients(model, loaded.store.many(assigned), t.batch_size, device)
         for j, pid in enumerate(result.patient_ids):
             totals[pid] += result.patient.probs[j]
             counts[pid] += 1

@@ -28,7 +28,7 @@ from milhema.settings import Settings
 from milhema.tracking import Tracker, start_tracker
 from milhema.train import distributed
 from milhema.train.checkpoint import save_checkpoint
-from milhema.train.data import BagInfo, BagStore, inspect_bags, resolve_views
+from milhema.train.data import BagInfo, BagStore, check_views, inspect_bags, resolve_views
 from milhema.train.distributed import Ranks
 from milhema.train.inference import predict
 from milhema.train.loop import fit
@@ -81,6 +81,8 @@ def prepare(settings: Settings, cohort: Cohort, bags: Path | None) -> Prepared:
     store = BagStore(cohort, bags, views, cache=settings.data.cache, columns=info.columns, n_cells=info.n_cells,
                      feature_dim=info.feature_dim)
     spec = model_spec(settings, info.feature_dim, cohort.classes, cohort.patient_features, views)
+    if "n_views" in spec["params"]:  # a model that tells views apart must know every slide's view
+        check_views(cohort, ids, views)
     check_inputs(spec, info, ids)
     return Prepared(store, info, spec, ids)
 
@@ -222,7 +224,7 @@ def run_train(settings: Settings, cohort: Cohort, bags: str | Path | None, out: 
         save_checkpoint(run.path / "checkpoints" / "model", model, model.spec,
                         {"bags": bag_meta(prep.info), "test_patients": [], "train_patients": train_ids,
                          "val_patients": val_ids})
-        val = predict(model, prep.store.many(val_ids), t.batch_size, device=device, amp=t.amp, ranks=ranks)
+        val = predict(model, prep.store.many(val_ids), t.batch_size, device=device, ranks=ranks)
         val_y = cohort.labels(val_ids)
         metrics = {**metrics_header(settings, prep.spec, cohort.classes),
                    "n_patients": len(prep.ids), "n_train": len(train_ids), "n_val": len(val_ids),
