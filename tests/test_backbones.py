@@ -126,7 +126,7 @@ def test_dinobloom_s_embeds_a_cohort_as_the_timm_vit_loaded_by_hand(dinobloom_s,
     # One slide in 13 (the first, 11 cells): ViT-S at 224 px runs at a few cells/s on two cores.
     opts = EmbedOptions(backbone="dinobloom-s", weights=weights, workers=0, progress=False, batch_size=16,
                         shard=(0, 13))
-    with pytest.warns(ChecksumWarning, match="not the published DinoBloom-S.pth"):
+    with pytest.warns(ChecksumWarning, match="differs from the published DinoBloom-S.pth"):
         report = embed_cohort(cohort, tmp_path, opts)
     assert report.written and report.cells > 0
     vit = by_hand(teacher)
@@ -279,6 +279,12 @@ def test_timm_vit_is_built_for_the_input_size_and_loads_a_224_px_state_dict(tmp_
     assert str(err.value) == ("weights vits224.safetensors do not fit backbone timm/vit_small_patch14_dinov2: pos_embed: "
                               "the file has [1, 257, 384], the model expects [1, 1370, 384]; the file is for 224 px "
                               "input: use --input-size 224")
+    # Meta's own DINOv2 layout (mask_token, DINOv2 key names) loads under the timm name too.
+    flat = {k: random_tensor(torch.Generator().manual_seed(2))(k, shape) for k, shape in dinov2_shapes("s").items()}
+    torch.save(flat, tmp_path / "dinov2_vits14.pth")
+    meta_layout = load_backbone("timm/vit_small_patch14_dinov2", tmp_path / "dinov2_vits14.pth", input_size=224)
+    with torch.inference_mode():
+        torch.testing.assert_close(meta_layout.model(x), by_hand({f"backbone.{k}": v for k, v in flat.items()})(x))
     # CNNs take any input size without being rebuilt.
     with pytest.warns(RandomWeightsWarning):
         assert load_backbone("timm/resnet18", pretrained=False, input_size=96).input_size == 96

@@ -95,6 +95,7 @@ class BackboneFamily:
     load: BackboneLoader
     summary: str
     label: str
+    weights_from: Callable[[str], str] | None = None
     suggest: Callable[[str], list[str]] | None = None
     recognise: Recogniser | None = None
 
@@ -103,6 +104,7 @@ _FAMILIES: list[BackboneFamily] = []
 
 
 def register_backbone(*names: str, prefix: bool = False, summary: str = "", label: str = "",
+                      weights_from: Callable[[str], str] | None = None,
                       suggest: Callable[[str], list[str]] | None = None,
                       recognise: Recogniser | None = None) -> Callable[[BackboneLoader], BackboneLoader]:
     """Decorator registering a loader for exact backbone ``names``, or for every name starting with
@@ -111,6 +113,7 @@ def register_backbone(*names: str, prefix: bool = False, summary: str = "", labe
     Args:
         summary: one line on what the family is and where its weights come from.
         label: how error messages list the family's names (default: the names, or ``<prefix><model>``).
+        weights_from: ``name -> where its weights file comes from``, said when ``--weights`` is missing.
         suggest: ``unknown name -> names this family would accept`` for "did you mean" hints
             (a prefix family cannot list its names; e.g. ``"resnet18"`` -> ``["timm/resnet18"]``).
         recognise: see :data:`Recogniser`; lets a file given to the wrong name get a hint.
@@ -131,7 +134,7 @@ def register_backbone(*names: str, prefix: bool = False, summary: str = "", labe
 
     def decorate(load: BackboneLoader) -> BackboneLoader:
         shown = label or (f"{names[0]}<model>" if prefix else ", ".join(names))
-        _FAMILIES.append(BackboneFamily(tuple(names), prefix, load, summary, shown, suggest, recognise))
+        _FAMILIES.append(BackboneFamily(tuple(names), prefix, load, summary, shown, weights_from, suggest, recognise))
         return load
 
     return decorate
@@ -180,7 +183,8 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = Non
     if input_size is not None and input_size < MIN_INPUT_PX:
         raise EmbedError(f"backbone {name}: input size {input_size} px is too small (at least {MIN_INPUT_PX})")
     if weights is None and pretrained:
-        raise EmbedError(f"backbone {name}: give a local weights file with --weights FILE, or --no-pretrained "
+        source = f" ({family.weights_from(name)})" if family.weights_from else ""
+        raise EmbedError(f"backbone {name}: give a local weights file with --weights FILE{source}, or --no-pretrained "
                          "to use random weights (nothing is downloaded)")
     path = None if weights is None else Path(weights)
     backbone = family.load(name, path, input_size=input_size)

@@ -110,12 +110,20 @@ def _recognise(raw: Mapping[str, Any], requested: str) -> str | None:
             f"use --backbone {fitting}")
 
 
-@register_backbone(*NAMES, recognise=_recognise, label="dinobloom-s|b|l|g[+mean]",
+def _weights_from(name: str) -> str:
+    return f"{_variant_of(name).file} from {ZENODO}, https://zenodo.org/records/10908163"
+
+
+def _variant_of(name: str) -> Variant:
+    return VARIANTS[name.removesuffix(MEAN_SUFFIX)[-1]]
+
+
+@register_backbone(*NAMES, recognise=_recognise, label="dinobloom-s|b|l|g[+mean]", weights_from=_weights_from,
                    summary=f"DinoBloom S/B/L/G (DINOv2 ViT/14, 224 px) from {ZENODO}; +mean adds the mean patch token")
 def load_dinobloom(name: str, weights: Path | None, *, input_size: int | None) -> Backbone:
     """``dinobloom-<s|b|l|g>[+mean]``: timm's DINOv2 ViT at 224 px with the published teacher backbone."""
     mean = name.endswith(MEAN_SUFFIX)
-    variant = VARIANTS[name.removesuffix(MEAN_SUFFIX)[-1]]
+    variant = _variant_of(name)
     if input_size not in (None, INPUT_PX):
         raise EmbedError(f"backbone {name} takes {INPUT_PX} px cells (its position embeddings are for {INPUT_PX} px); "
                          "leave out --input-size")
@@ -181,6 +189,6 @@ def _check_published(variant: Variant, path: Path, digest: str) -> None:
     # A file that differs from the published one still loads (it may be the authors' later upload or
     # a re-save), but bags embedded with it will not match bags made elsewhere with "dinobloom-<v>".
     if variant.sha256 is not None and digest != variant.sha256:
-        warnings.warn(f"{path.name} is not the published {variant.file} (SHA-256 {digest[:12]}…, published "
-                      f"{variant.sha256[:12]}…): its features differ from other DinoBloom-{variant.letter.upper()} "
-                      "embeddings", ChecksumWarning, stacklevel=3)
+        warnings.warn(f"{path.name} differs from the published {variant.file} (SHA-256 {digest[:12]}… instead of "
+                      f"{variant.sha256[:12]}…): its features will not match DinoBloom-{variant.letter.upper()} "
+                      "features embedded elsewhere", ChecksumWarning, stacklevel=3)
