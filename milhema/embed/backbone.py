@@ -153,7 +153,8 @@ def backbone_family(name: str) -> BackboneFamily:
         EmbedError: no family has this name or prefix (with the closest names as a hint).
     """
     for family in _FAMILIES:
-        if name in family.names if not family.prefix else name.startswith(family.names[0]):
+        matches = name.startswith(family.names[0]) if family.prefix else name in family.names
+        if matches:
             return family
     candidates = [n for f in _FAMILIES if not f.prefix for n in f.names]
     for family in _FAMILIES:
