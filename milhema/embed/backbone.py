@@ -80,7 +80,7 @@ class BackboneLoader(Protocol):
     def __call__(self, name: str, weights: Path | None, *, input_size: int | None) -> Backbone: ...
 
 
-Recogniser = Callable[[Mapping[str, Any], str], "str | None"]
+Recogniser = Callable[[Mapping[str, Any], str], str | None]
 """``(contents of a weights file, requested backbone name) -> hint``: a family that recognises a
 file as its own and sees that another name was asked for returns e.g. ``"this looks like a DinoBloom
 checkpoint: use --backbone dinobloom-s"``; otherwise None."""
