@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override config keys (repeatable; several may follow one --set)")
     p.add_argument("--backbone", default="timm/resnet18",
-                   help="timm/<model> (default timm/resnet18), or 'none' with --morphology")
+                   help="timm/<model> (default timm/resnet18), dinobloom-s|b|l|g (DinoBloom from Zenodo 10908163, "
+                        "224 px; +mean adds the mean patch token), or 'none' with --morphology")
     p.add_argument("--weights", type=Path, default=None, help="local weights (.safetensors or a state dict .pth)")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights (nothing is downloaded)")
     p.add_argument("--morphology", action="store_true", help="add handcrafted cytomorphology features")

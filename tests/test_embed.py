@@ -143,7 +143,7 @@ def test_local_weights_safetensors_and_state_dict(tmp_path: Path) -> None:
 def test_backbone_errors() -> None:
     with pytest.raises(EmbedError, match="did you mean"):
         load_backbone("timm/resnet181", pretrained=False)
-    with pytest.raises(EmbedError, match="expected 'timm/<model name>'"):
+    with pytest.raises(EmbedError, match="unknown backbone 'resnet18' \\(did you mean 'timm/resnet18'\\?\\)"):
         load_backbone("resnet18", pretrained=False)
     with pytest.raises(EmbedError, match="--no-pretrained"):
         load_backbone("timm/resnet18")

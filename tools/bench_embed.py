@@ -3,11 +3,13 @@ backbone → HDF5) against the same backbone's forward pass alone on preloaded t
 ceiling), same batch size, input size and precision, side by side in one run. Prints a table
 and, with --record, appends it to docs/PERFORMANCE.md.
 
-    python tools/bench_embed.py --scratch /tmp/bench_embed [--backbones resnet18,resnet50] \
-        [--input-size 128] [--patients 6] [--workers 1] [--device auto] [--wsi] [--record]
+    python tools/bench_embed.py --scratch /tmp/bench_embed [--backbones resnet18,resnet50,dinobloom-s] \
+        [--input-size 128] [--patients 6] [--workers 1] [--device auto] [--wsi] [--ceiling-cells N] [--record]
 
-Backbones use random weights (nothing is downloaded); speed does not depend on the weights.
-Scan detection is not part of the embedding time (see tools/bench_detect.py).
+A backbone is any registered name (``milhema.embed.backbone.list_backbones``); a bare timm model
+name means ``timm/<name>``. ``--input-size`` applies to timm models; other families (DinoBloom:
+224 px) use their own input size. Backbones use random weights (nothing is downloaded); speed does
+not depend on the weights. Scan detection is not part of the embedding time (see tools/bench_detect.py).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from perf_record import record  # tools/ is on sys.path when a tool runs as a sc
 
 from milhema.data.manifest import load_cohort
 from milhema.device import resolve_device
-from milhema.embed.backbone import load_backbone
+from milhema.embed.backbone import TIMM_PREFIX, Backbone, backbone_family, load_backbone
 from milhema.embed.pipeline import EmbedOptions, embed_cohort
+from milhema.errors import MilhemaError
 from milhema.slides.detect import DetectOptions
 from milhema.slides.source import open_source
 
@@ -43,9 +46,17 @@ def cohort_for(scratch: Path, patients: int, wsi: bool) -> Path:
     return folder
 
 
-def ceiling(backbone_name: str, crops: torch.Tensor, batch_size: int, device: torch.device, amp: bool) -> float:
+def registered_name(name: str) -> str:
+    """``resnet18`` -> ``timm/resnet18``; a registered name (``dinobloom-s``, ``timm/...``) as it is."""
+    try:
+        backbone_family(name)
+        return name
+    except MilhemaError:
+        return TIMM_PREFIX + name
+
+
+def ceiling(backbone: Backbone, crops: torch.Tensor, batch_size: int, device: torch.device, amp: bool) -> float:
     """Cells/s of normalise + forward on uint8 crops already resized and in memory."""
-    backbone = load_backbone(f"timm/{backbone_name}", None, pretrained=False, input_size=crops.shape[-1])
     model = backbone.model.to(device).to(memory_format=torch.channels_last).eval()
     mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1) * 255.0
@@ -91,40 +102,53 @@ def preload(cohort_dir: Path, size: int, limit: int) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scratch", type=Path, default=Path("bench_embed"))
-    parser.add_argument("--backbones", default="resnet18,resnet50")
+    parser.add_argument("--backbones", default="resnet18,resnet50,dinobloom-s")
     parser.add_argument("--input-size", type=int, default=128)
     parser.add_argument("--patients", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--wsi", action="store_true", help="crops cut from simulated scans instead of crop files")
+    parser.add_argument("--ceiling-cells", type=int, default=0,
+                        help="forward-only ceiling on the first N preloaded cells (default 0: all; a ViT on a CPU is slow)")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     device = resolve_device(args.device)
     args.scratch.mkdir(parents=True, exist_ok=True)
     cohort_dir = cohort_for(args.scratch, args.patients, args.wsi)
     cohort = load_cohort(cohort_dir, CLASSES, ())
-    crops = preload(cohort_dir, args.input_size, 100_000)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    limit = args.ceiling_cells or 100_000
+    crops_at: dict[int, torch.Tensor] = {}
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     source = "scan regions" if args.wsi else "crop files"
-    lines = [f"## Embedding throughput ({name}, torch {torch.__version__}, {datetime.date.today().isoformat()})", "",
-             f"`python tools/bench_embed.py --backbones {args.backbones} --input-size {args.input_size} "
-             f"--batch-size {args.batch_size} --workers {args.workers} --device {args.device}"
-             f"{' --wsi' if args.wsi else ''}`: {len(crops):,} cells from {source}, "
-             f"{'bf16 autocast' if device.type == 'cuda' else 'float32'}.", "",
-             "| backbone | forward only (ceiling) | `milhema embed` end to end | ratio |", "|---|---|---|---|"]
-    for backbone in args.backbones.split(","):
+    rows, cells, ceiling_cells = [], 0, 0
+    for requested in args.backbones.split(","):
+        name = registered_name(requested)
+        size = args.input_size if name.startswith(TIMM_PREFIX) else None
+        backbone = load_backbone(name, None, pretrained=False, input_size=size)
+        if backbone.input_size not in crops_at:
+            crops_at[backbone.input_size] = preload(cohort_dir, backbone.input_size, limit)
+        crops = crops_at[backbone.input_size]
         top = ceiling(backbone, crops, args.batch_size, device, amp=True)
-        out = args.scratch / f"bags_{backbone}"
+        out = args.scratch / f"bags_{name.replace('/', '_')}"
         shutil.rmtree(out, ignore_errors=True)
         if args.wsi:   # reuse the detections: only embedding is timed
             shutil.copytree(cohort_dir / ".bench_detections", out / "detections")
         report = embed_cohort(cohort, out, EmbedOptions(
-            backbone=f"timm/{backbone}", pretrained=False, input_size=args.input_size, device=args.device,
+            backbone=name, pretrained=False, input_size=size, device=args.device,
             batch_size=args.batch_size, workers=args.workers, progress=False))
-        lines.append(f"| {backbone} | {top:.0f} cells/s | {report.cells_per_s:.0f} cells/s | "
-                     f"{report.cells_per_s / top:.2f} |")
-        print(lines[-1], flush=True)
+        cells, ceiling_cells = report.cells, len(crops)
+        rows.append(f"| {requested} | {backbone.input_size} | {backbone.feature_dim} | {top:.1f} cells/s | "
+                    f"{report.cells_per_s:.1f} cells/s | {report.cells_per_s / top:.2f} |")
+        print(rows[-1], flush=True)
+    lines = [f"## Embedding throughput ({machine}, torch {torch.__version__}, {datetime.date.today().isoformat()})", "",
+             f"`python tools/bench_embed.py --backbones {args.backbones} --input-size {args.input_size} "
+             f"--batch-size {args.batch_size} --workers {args.workers} --device {args.device} --patients {args.patients}"
+             f"{' --wsi' if args.wsi else ''}{f' --ceiling-cells {args.ceiling_cells}' if args.ceiling_cells else ''}`: "
+             f"{cells:,} cells from {source} embedded end to end, the ceiling on {ceiling_cells:,} preloaded cells; "
+             f"{'bf16 autocast' if device.type == 'cuda' else 'float32'}; `--input-size` applies to the timm models.", "",
+             "| backbone | input px | features | forward only (ceiling) | `milhema embed` end to end | ratio |",
+             "|---|---|---|---|---|---|", *rows]
     text = "\n".join(lines) + f"\n\nMachine: {platform.machine()}, {os.cpu_count()} CPUs.\n"
     print(text)
     if args.record:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from milhema.bags import validate_bag, write_bag
 from milhema.data.manifest import Cohort, Slide
 from milhema.device import resolve_device
-from milhema.embed.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
+from milhema.embed.backbone import DEFAULT_BACKBONE, NO_BACKBONE, Backbone, load_backbone
 from milhema.embed.morphology import MORPHOLOGY_FEATURES, MORPHOLOGY_VERSION, morphology_features
 from milhema.errors import BagError, EmbedError, MilhemaError
 from milhema.slides.crops import IMAGE_SUFFIXES, CropFolder, check_crop_folder
@@ -37,7 +37,6 @@ from milhema.slides.source import CellSource, open_source
 
 log = logging.getLogger(__name__)
 THUMBNAIL_PX = 64
-NO_BACKBONE = "none"
 _FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
             "nearest": Image.Resampling.NEAREST}
 
@@ -426,6 +425,7 @@ def _write(out: Path, buf: _SlideBuffer, backbone: Backbone | None, opts: EmbedO
         mpp=src.mpp if src.mpp is not None else math.nan, crop_px=src.crop_px or buf.crop_px,
         extra_attrs={"embed_signature": signature, "feature_blocks": ",".join(blocks),
                      "input_size": backbone.input_size if backbone else 0,
+                     "backbone_output": backbone.output if backbone else "",
                      "morphology_features": ",".join(MORPHOLOGY_FEATURES) if opts.morphology else ""},
     )
     report.written.append(slide.slide_id)
