@@ -98,12 +98,13 @@ def _train(args: argparse.Namespace) -> int:
     if distributed.launched_rank() != 0:  # under torchrun, rank 0 reports
         return 0
     scores = []
-    if "validation" in metrics:
-        scores.append(f"balanced accuracy {metrics['validation']['balanced_accuracy']['mean']:.3f}")
-    if "validation_survival" in metrics:
-        scores.append(f"c-index {metrics['validation_survival']['c_index']['mean']:.3f}")
+    if "early_stopping_split" in metrics:
+        scores.append(f"balanced accuracy {metrics['early_stopping_split']['balanced_accuracy']['mean']:.3f}")
+    if "early_stopping_split_survival" in metrics:
+        scores.append(f"c-index {metrics['early_stopping_split_survival']['c_index']['mean']:.3f}")
     print(f"trained {metrics['model']} on {metrics['n_train']} patients ({metrics['epochs_run']} epochs); "
-          f"validation {', '.join(scores)} on {metrics['n_val']} patients; run in {args.out}")
+          f"{', '.join(scores)} on the {metrics['n_val']} patients that chose the stopping epoch (optimistic; "
+          f"milhema cv for an estimate); run in {args.out}")
     _print_sync_hint(args.out)
     return 0
 

@@ -75,3 +75,17 @@ def test_diagnostic_auroc() -> None:
                                "c": np.array([True])})
     assert result == {"mean": 0.5, "median": 0.5, "n_patients": 2}
     assert diagnostic_auroc({"a": np.ones(2)}, {"a": None})["n_patients"] == 0
+
+
+def test_slides_of_one_patient_are_resampled_together() -> None:
+    """Five copies of each patient's slide are not five patients: the interval must not narrow."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(rng.integers(0, 2, 12), 5)
+    prob = np.repeat(rng.dirichlet(np.ones(2), 12), 5, axis=0)
+    groups = np.repeat(np.arange(12), 5)
+    by_slide = classification_metrics(y, prob, ["a", "b"])["balanced_accuracy"]
+    by_patient = classification_metrics(y, prob, ["a", "b"], groups=groups)["balanced_accuracy"]
+    once = classification_metrics(y[::5], prob[::5], ["a", "b"])["balanced_accuracy"]
+    width = [m["ci95"][1] - m["ci95"][0] for m in (by_slide, by_patient, once)]
+    assert by_slide["mean"] == by_patient["mean"] == once["mean"]
+    assert width[1] > 1.5 * width[0] and abs(width[1] - width[2]) < 0.1

@@ -402,3 +402,24 @@ def test_dsmil_trains_each_stream_on_its_own_and_averages_their_probabilities() 
     model.zero_grad()
     ce(max_stream, y).backward(retain_graph=True)
     assert model.instance_classifier.weight.grad.abs().sum() > 0
+
+
+def test_graph_in_slide_space_links_cells_of_one_smear_only() -> None:
+    """A patient bag joins smears whose pixel coordinates are separate spaces: moving a whole smear
+    elsewhere in 'its' coordinates must not change the model, and no edge may cross smears."""
+    model = _build("graph", {"graph_space": "coords", "k": 3}).eval()
+    g = torch.Generator().manual_seed(4)
+    n = 12
+    x = torch.randn(1, n, D, generator=g)
+    coords = torch.rand(1, n, 2, generator=g) * 500
+    coords[0, 6:] = coords[0, :6]                       # the second smear reuses the first one's pixels
+    slide = torch.tensor([[0] * 6 + [1] * 6])
+    mask = torch.ones(1, n, dtype=torch.bool)
+    bag, src, tgt = knn_edges(coords, mask, 3, slide)
+    assert (slide[bag, src] == slide[bag, tgt]).all() and len(src) == n * 3
+    out = model(x, mask, cbc=None, coords=coords, slide=slide)
+    moved = coords.clone()
+    moved[0, 6:] += 10_000.0
+    again = model(x, mask, cbc=None, coords=moved, slide=slide)
+    torch.testing.assert_close(out.logits, again.logits)
+    torch.testing.assert_close(out.cell_scores, again.cell_scores)

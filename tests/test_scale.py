@@ -86,7 +86,7 @@ def test_torchrun_two_cpu_processes_train_one_run(planted, tmp_path: Path) -> No
     """``torchrun --nproc_per_node 2`` (gloo): both ranks train in lockstep, rank 0 writes one run folder."""
     config = tmp_path / "ddp.yaml"
     config.write_text("data: {classes: [healthy, disease], patient_features: [wbc, hb], log_features: [wbc]}\n"
-                      "train: {epochs: 15, batch_size: 4, lr: 0.003, patience: 40}\ncv: {folds: 3}\n")
+                      "train: {epochs: 30, batch_size: 4, lr: 0.003, patience: 40}\ncv: {folds: 3}\n")
     runs = tmp_path / "runs"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -100,6 +100,6 @@ def test_torchrun_two_cpu_processes_train_one_run(planted, tmp_path: Path) -> No
     with open(runs / "cv" / "predictions.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 24
     history = [json.loads(line) for line in (runs / "cv" / "history.jsonl").read_text().splitlines()]
-    assert {(h["fold"], h["epoch"]) for h in history} == {(k, e) for k in range(3) for e in range(1, 16)}
+    assert {(h["fold"], h["epoch"]) for h in history} == {(k, e) for k in range(3) for e in range(1, 31)}
     assert done.stdout.count("3-fold cv") == 1  # rank 0 reports, rank 1 stays quiet
     assert metrics["patient"]["macro_auroc"]["mean"] > 0.9  # it learns the planted cells like one process

@@ -192,7 +192,7 @@ def test_multitask_discrete_run_and_checkpoint(survival_cohort: tuple[Path, Path
         predicted = list(csv.DictReader(fh))
     assert len(predicted) == 48 and all(math.isfinite(float(r["risk"])) for r in predicted)
     train = run_train(_config("loss.task=survival"), cohort, bags, tmp_path / "train", progress=False)
-    assert "validation_survival" in train and "validation" not in train
+    assert "early_stopping_split_survival" in train and "early_stopping_split" not in train
 
 
 def test_survival_config_and_follow_up_errors(tmp_path: Path) -> None:

@@ -86,7 +86,11 @@ def predicted_class_scores(class_scores: Tensor, logits: Tensor) -> Tensor:
 
 
 class MILModel(nn.Module):
-    """Base class. Subclasses implement ``forward(x, mask, cbc=None, coords=None, view=None) -> MILOutput``.
+    """Base class. Subclasses implement ``forward(x, mask, cbc=None, coords=None, view=None, slide=None) -> MILOutput``.
+
+    ``coords [B, N, 2]`` are level-0 pixels within each cell's own slide, ``view [B, N]`` and
+    ``slide [B, N]`` index each cell's view and slide within its bag (a patient bag joins slides:
+    coordinates of different slides are not comparable).
 
     Args:
         in_dim: cell feature dimension D.
@@ -144,5 +148,5 @@ class MILModel(nn.Module):
         return x, mask, cbc.to(x.dtype)
 
     def forward(self, x: Tensor, mask: Tensor, cbc: Tensor | None = None, coords: Tensor | None = None,
-                view: Tensor | None = None) -> MILOutput:  # pragma: no cover - abstract
+                view: Tensor | None = None, slide: Tensor | None = None) -> MILOutput:  # pragma: no cover - abstract
         raise NotImplementedError

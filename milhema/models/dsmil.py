@@ -50,7 +50,7 @@ class DSMIL(MILModel):
         self.bag_classifier = nn.Linear(self.fusion.out_dim, n_classes)
 
     def forward(self, x: Tensor, mask: Tensor, cbc: Tensor | None = None, coords: Tensor | None = None,
-                view: Tensor | None = None) -> MILOutput:
+                view: Tensor | None = None, slide: Tensor | None = None) -> MILOutput:
         """``x [B, N, D]``, ``mask [B, N]``, ``cbc [B, C]`` -> :class:`MILOutput` (coords, view unused)."""
         x, mask, cbc = self.prepare(x, mask, cbc)
         h = self.fusion.cells(self.encoder(x), cbc)                               # [B, N, H]

@@ -28,13 +28,15 @@ GRAPH_SPACES = ("features", "coords")
 CONVS = ("gatv2", "gen")
 
 
-def knn_edges(points: Tensor, mask: Tensor, k: int) -> Tensor:
+def knn_edges(points: Tensor, mask: Tensor, k: int, group: Tensor | None = None) -> Tensor:
     """Directed kNN edges within each bag of a padded batch.
 
     Args:
         points: ``[B, N, P]`` positions used for distances.
         mask: ``[B, N]`` valid cells.
         k: neighbours per cell; effectively ``min(k, n_valid - 1)`` per bag (self excluded).
+        group: ``[B, N]`` long; when given, cells are linked only within their group (the
+            slide of each cell, for coordinates: two smears' pixels are not one space).
 
     Returns:
         ``[3, E]`` long: bag index, neighbour (source) index and cell (target) index within the bag.
@@ -42,6 +44,8 @@ def knn_edges(points: Tensor, mask: Tensor, k: int) -> Tensor:
     b, n, _ = points.shape
     dist = torch.cdist(points.float(), points.float())                          # [B, N, N]
     allowed = mask[:, :, None] & mask[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=mask.device)
+    if group is not None:
+        allowed &= group[:, :, None] == group[:, None, :]
     dist = dist.masked_fill(~allowed, float("inf"))
     k_eff = min(k, n - 1)
     if k_eff < 1:
@@ -116,12 +120,14 @@ class GraphMIL(MILModel):
         return torch.where(usable[:, None, None], pos, feats)
 
     def forward(self, x: Tensor, mask: Tensor, cbc: Tensor | None = None, coords: Tensor | None = None,
-                view: Tensor | None = None) -> MILOutput:
-        """``x [B, N, D]``, ``mask [B, N]``, ``cbc [B, C]``, ``coords [B, N, 2]`` -> :class:`MILOutput`."""
+                view: Tensor | None = None, slide: Tensor | None = None) -> MILOutput:
+        """``x [B, N, D]``, ``mask [B, N]``, ``cbc [B, C]``, ``coords [B, N, 2]``, ``slide [B, N]`` -> :class:`MILOutput`."""
         x, mask, cbc = self.prepare(x, mask, cbc)
         b, n = mask.shape
         h = self.fusion.cells(self.encoder(x), cbc)                                 # [B, N, H]
-        bag, src, tgt = knn_edges(self._points(h, mask, coords), mask, self.k)
+        # In slide space a cell's neighbours are on its own smear; look-alike cells may be on any.
+        group = slide if self.graph_space == "coords" else None
+        bag, src, tgt = knn_edges(self._points(h, mask, coords), mask, self.k, group)
 
         # Node numbering of valid cells only, in row-major order of the padded batch.
         flat = mask.flatten()

@@ -53,7 +53,7 @@ class MultiViewMIL(MILModel):
         self.head = nn.Linear(self.fusion.out_dim, n_classes)
 
     def forward(self, x: Tensor, mask: Tensor, cbc: Tensor | None = None, coords: Tensor | None = None,
-                view: Tensor | None = None) -> MILOutput:
+                view: Tensor | None = None, slide: Tensor | None = None) -> MILOutput:
         """``x [B, N, D]``, ``mask [B, N]``, ``cbc [B, C]``, ``view [B, N]`` long (None = all view 0)."""
         x, mask, cbc = self.prepare(x, mask, cbc)
         if view is None:

@@ -22,7 +22,7 @@ class _PoolingMIL(MILModel):
         raise NotImplementedError
 
     def forward(self, x: Tensor, mask: Tensor, cbc: Tensor | None = None, coords: Tensor | None = None,
-                view: Tensor | None = None) -> MILOutput:
+                view: Tensor | None = None, slide: Tensor | None = None) -> MILOutput:
         """``x [B, N, D]``, ``mask [B, N]``, ``cbc [B, C]`` -> :class:`MILOutput` (coords, view unused)."""
         x, mask, cbc = self.prepare(x, mask, cbc)
         h = self.fusion.cells(self.encoder(x), cbc)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 from milhema.data.manifest import Cohort
@@ -28,7 +29,7 @@ from milhema.train.checkpoint import load_checkpoint, save_checkpoint
 from milhema.train.data import PatientBag
 from milhema.train.distributed import Ranks
 from milhema.train.inference import FoldPredictions, occlusion, predict_patients
-from milhema.train.metrics import classification_metrics, diagnostic_auroc, summarise_repeats
+from milhema.train.metrics import diagnostic_auroc, summarise_repeats
 from milhema.train.model import PatientModel
 from milhema.train.outputs import prediction_header, prediction_rows, rank_percentiles, write_cell_scores
 from milhema.train.resume import (
@@ -45,6 +46,7 @@ from milhema.train.run import (
     RunFolder,
     bag_meta,
     event_strata,
+    fold_seed,
     history_writer,
     inner_split,
     metrics_header,
@@ -74,6 +76,7 @@ class CvPlan:
     time: np.ndarray
     event: np.ndarray
     cbc: np.ndarray
+    occluded: frozenset[str] = frozenset()
 
     @classmethod
     def build(cls, settings: Settings, cohort: Cohort, bags: Path | None) -> CvPlan:
@@ -84,7 +87,8 @@ class CvPlan:
         # Folds are stratified by label; for survival alone, by event (censored patients as one group).
         strata = y if settings.loss.has_classification else event_strata(event, settings.cv.folds)
         return cls(settings, cohort, prepared, y, strata, time_, event,
-                   cbc_design(cohort, ids, settings.data.log_features))
+                   cbc_design(cohort, ids, settings.data.log_features),
+                   _occlusion_subset(ids, strata, settings.cv.occlusion_patients, settings.train.seed))
 
     @property
     def ids(self) -> list[str]:
@@ -161,10 +165,11 @@ def _fold_model(plan: CvPlan, split: FoldSplit, run: RunFolder, folds_done: CvPr
         return model
     log = history_writer(folds_done.begin(split), run.tracker, split.name, repeat=split.repeat, fold=split.fold)
     prep = plan.prepared
+    seed = fold_seed(plan.settings.train.seed, split.repeat, split.fold)
     model, _ = train_model(plan.settings, prep.store, prep.spec, split.train, split.val, device, log, progress,
-                           desc=f"repeat {split.repeat} fold {split.fold}", ranks=ranks)
+                           desc=f"repeat {split.repeat} fold {split.fold}", ranks=ranks, seed=seed)
     save_checkpoint(checkpoint, model, model.spec,
-                    {"bags": bag_meta(prep.info), "repeat": split.repeat, "fold": split.fold,
+                    {"bags": bag_meta(prep.info), "repeat": split.repeat, "fold": split.fold, "seed": seed,
                      "test_patients": split.test, "train_patients": split.train, "val_patients": split.val})
     folds_done.finish(split)
     return model
@@ -204,12 +209,11 @@ def score_fold(plan: CvPlan, fold: Fold, model: PatientModel, device: torch.devi
                 cbc_cox_risk(plan.cbc[train], plan.time[train], plan.event[train], plan.cbc[test])) / 100.0
     if split.repeat != 0:
         return result
-    budget = -(-s.cv.occlusion_patients // s.cv.folds)  # per fold, rounded up
     for j, bag in enumerate(bags):
         result.truth[bag.patient_id] = bag.diagnostic
         if bag.diagnostic is not None and s.loss.has_classification:
             result.attention[bag.patient_id] = patient.cell_scores[j]
-            if j < budget:
+            if bag.patient_id in plan.occluded:
                 target = int(patient.probs[j].argmax())
                 drops = occlusion(model, bag, device)
                 result.occlusion[bag.patient_id] = drops[:, target] if drops.shape[0] else np.zeros(0)
@@ -258,7 +262,7 @@ class CvResults:
         if not plan.has_baseline:
             metrics["notes"] = ["no CBC-only baseline: data.patient_features is empty"]
         if s.loss.has_classification:
-            slide, from_slides = _slide_level(self.slides, plan.ids, plan.cohort, classes)
+            slide, from_slides = _slide_level(self.slides, plan.ids, plan.cohort, classes, s.cv.repeats)
             metrics |= {
                 "patient": summarise_repeats(plan.y, self.patient_probs, classes),
                 "slide": slide,
@@ -266,9 +270,14 @@ class CvResults:
                 "baselines": {"cbc_only": {"patient": summarise_repeats(plan.y, self.cbc_probs, classes)}}
                 if plan.has_baseline else {},
             }
-        if self.faithful["attention"]:
-            metrics |= {method: {"diagnostic_auroc": diagnostic_auroc(per_patient, self.truth)}
-                        for method, per_patient in self.faithful.items() if per_patient}
+        attention, occluded = self.faithful["attention"], self.faithful["occlusion"]
+        if attention:
+            metrics["attention"] = {"diagnostic_auroc": diagnostic_auroc(attention, self.truth)}
+        if occluded:  # a subset (occlusion costs a pass per cell): attention on the same patients beside it
+            metrics["occlusion"] = {
+                "diagnostic_auroc": diagnostic_auroc(occluded, self.truth),
+                "attention_on_the_same_patients": diagnostic_auroc({p: attention[p] for p in occluded}, self.truth),
+                "patients": "a class-stratified random subset of cv.occlusion_patients (seed train.seed)"}
         if s.loss.has_survival:
             metrics["survival"] = _survival_metrics(plan.time, plan.event, self.patient_risk,
                                                     self.cbc_risk if plan.has_baseline else None, folder, s.train.seed)
@@ -280,24 +289,41 @@ class CvResults:
         }
 
 
+def _occlusion_subset(ids: Sequence[str], strata: np.ndarray, n: int, seed: int) -> frozenset[str]:
+    """The patients whose cells cv occludes: ``n`` drawn at random, stratified by class (by event
+    for survival), so that the faithfulness of occlusion speaks for every class, not for the
+    first patients of the file."""
+    if n <= 0:
+        return frozenset()
+    if n >= len(ids):
+        return frozenset(ids)
+    try:
+        chosen, _ = train_test_split(list(ids), train_size=n, stratify=strata, random_state=seed)
+    except ValueError:  # a class too small to stratify
+        chosen, _ = train_test_split(list(ids), train_size=n, random_state=seed)
+    return frozenset(chosen)
+
+
 def _slide_level(records: Sequence[tuple[str, str, int, int, np.ndarray]], ids: Sequence[str], cohort: Cohort,
-                 classes: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Metrics of single-slide predictions, and of their per-patient average."""
-    by_slide: dict[str, list[np.ndarray]] = {}
-    patient_of: dict[str, str] = {}
-    for sid, pid, _, _, prob in records:
-        by_slide.setdefault(sid, []).append(prob)
-        patient_of[sid] = pid
-    slide_ids = list(by_slide)
-    slide_probs = np.array([np.mean(by_slide[s], axis=0) for s in slide_ids])
+                 classes: Sequence[str], repeats: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Metrics of single-slide predictions, and of their per-patient average, summarised per repeat
+    as the patient metrics are. Slide intervals resample patients (all their slides together):
+    slides of one patient are not independent."""
+    slide_ids = list(dict.fromkeys(rec[0] for rec in records))
+    patient_of = {sid: pid for sid, pid, _, _, _ in records}
+    column = {sid: j for j, sid in enumerate(slide_ids)}
+    slide_probs = np.zeros((repeats, len(slide_ids), len(classes)))
+    for sid, _, r, _, prob in records:
+        slide_probs[r, column[sid]] = prob
     slide_y = cohort.labels([patient_of[s] for s in slide_ids])
-    per_patient: dict[str, list[np.ndarray]] = {}
-    for sid, prob in zip(slide_ids, slide_probs, strict=True):
-        per_patient.setdefault(patient_of[sid], []).append(prob)
-    with_slides = [p for p in ids if p in per_patient]
-    averaged = np.array([np.mean(per_patient[p], axis=0) for p in with_slides])
-    return (classification_metrics(slide_y, slide_probs, classes),
-            classification_metrics(cohort.labels(with_slides), averaged, classes))
+    columns_of: dict[str, list[int]] = {}
+    for sid in slide_ids:
+        columns_of.setdefault(patient_of[sid], []).append(column[sid])
+    with_slides = [p for p in ids if p in columns_of]
+    averaged = np.stack([[slide_probs[r, columns_of[p]].mean(axis=0) for p in with_slides]
+                         for r in range(repeats)]).reshape(repeats, len(with_slides), -1)
+    return (summarise_repeats(slide_y, slide_probs, classes, groups=np.array([patient_of[s] for s in slide_ids])),
+            summarise_repeats(cohort.labels(with_slides), averaged, classes))
 
 
 def _survival_metrics(time_: np.ndarray, event: np.ndarray, risk: np.ndarray, cbc_risk: np.ndarray | None,

@@ -347,12 +347,13 @@ class Batch:
     index: np.ndarray      # [B, N]
     time: torch.Tensor     # [B] float32 follow-up, NaN = none
     event: torch.Tensor    # [B] float32 1 = event, 0 = censored, NaN = none
+    slide: torch.Tensor    # [B, N] long: each cell's slide within its bag (0 at padding)
 
     def pin_memory(self) -> Batch:
         """Page-locked copies, so copies to the GPU can overlap compute (DataLoader ``pin_memory``)."""
         return Batch(self.x.pin_memory(), self.mask.pin_memory(), self.cbc.pin_memory(), self.coords.pin_memory(),
                      self.view.pin_memory(), self.y.pin_memory(), self.index, self.time.pin_memory(),
-                     self.event.pin_memory())
+                     self.event.pin_memory(), self.slide.pin_memory())
 
     def to(self, device: torch.device) -> Batch:
         non_blocking = device.type == "cuda"
@@ -361,7 +362,7 @@ class Batch:
             return t.to(device, non_blocking=non_blocking)
 
         return Batch(move(self.x), move(self.mask), move(self.cbc), move(self.coords), move(self.view), move(self.y),
-                     self.index, move(self.time), move(self.event))
+                     self.index, move(self.time), move(self.event), move(self.slide))
 
 
 def collate(bags: Sequence[PatientBag]) -> Batch:
@@ -373,6 +374,7 @@ def collate(bags: Sequence[PatientBag]) -> Batch:
     mask = np.zeros((b, width), bool)
     coords = np.full((b, width, 2), np.nan, np.float32)
     view = np.zeros((b, width), np.int64)
+    slide = np.zeros((b, width), np.int64)
     index = np.full((b, width), -1, np.int64)
     for i, bag in enumerate(bags):
         n = bag.n_cells
@@ -380,12 +382,13 @@ def collate(bags: Sequence[PatientBag]) -> Batch:
         mask[i, :n] = True
         coords[i, :n] = bag.coords
         view[i, :n] = bag.view_index
+        slide[i, :n] = bag.slide_index
         index[i, :n] = np.arange(n)
     return Batch(torch.from_numpy(x), torch.from_numpy(mask), torch.from_numpy(np.stack([bag.cbc for bag in bags])),
                  torch.from_numpy(coords), torch.from_numpy(view),
                  torch.tensor([bag.label for bag in bags], dtype=torch.long), index,
                  torch.tensor([bag.time for bag in bags], dtype=torch.float32),
-                 torch.tensor([bag.event for bag in bags], dtype=torch.float32))
+                 torch.tensor([bag.event for bag in bags], dtype=torch.float32), torch.from_numpy(slide))
 
 
 def bucketed_batches(lengths: Sequence[int] | np.ndarray, batch_size: int, rng: np.random.Generator | None,

@@ -124,7 +124,8 @@ def occlusion(model: PatientModel, bag: PatientBag, device: torch.device, chunk:
         copies = Batch(batch.x.expand(c, -1, -1).contiguous(), mask, batch.cbc.expand(c, -1).contiguous(),
                        batch.coords.expand(c, -1, -1).contiguous(), batch.view.expand(c, -1).contiguous(),
                        batch.y.expand(c).contiguous(), np.repeat(batch.index, c, axis=0),
-                       batch.time.expand(c).contiguous(), batch.event.expand(c).contiguous())
+                       batch.time.expand(c).contiguous(), batch.event.expand(c).contiguous(),
+                       batch.slide.expand(c, -1).contiguous())
         probs = torch.softmax(model(copies).logits.float(), dim=1)         # [c, K]
         out[start:start + c] = (full[None] - probs).cpu().numpy()
     return out

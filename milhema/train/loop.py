@@ -84,23 +84,26 @@ def _schedule(total: int, warmup: int) -> Callable[[int], float]:
 
 def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientBag], settings: Settings, *,
         device: torch.device, log: Callable[[dict[str, Any]], None] | None = None,
-        progress: bool = False, desc: str = "train", ranks: Ranks | None = None) -> list[dict[str, Any]]:
+        progress: bool = False, desc: str = "train", ranks: Ranks | None = None,
+        seed: int | None = None) -> list[dict[str, Any]]:
     """Train ``model`` in place; on return it holds the weights of the best validation epoch.
 
     Under ``torchrun`` (``ranks`` of several processes) each rank steps through its share of the
     batches of ``train.batch_size`` bags, DDP averages the gradients, and validation is gathered
-    so that every rank stops at the same epoch.
+    so that every rank stops at the same epoch. ``seed`` (default ``train.seed``) draws the
+    dropout masks, batches and cell subsamples.
 
     Returns the per-epoch history (train/validation loss, validation balanced accuracy and
     c-index where they apply, lr).
     """
     t, data = settings.train, settings.data
     ranks = ranks or Ranks()
-    torch.manual_seed(t.seed)
+    seed = t.seed if seed is None else seed
+    torch.manual_seed(seed)
     model.to(device)
     train = as_bags(train)
     weights = class_weights(train.labels, len(data.classes)).to(device) if settings.loss.class_weights else None
-    loader, sampler = training_loader(train, t.batch_size, data.max_cells, t.seed, ranks=ranks,
+    loader, sampler = training_loader(train, t.batch_size, data.max_cells, seed, ranks=ranks,
                                       workers=data.workers, pin_memory=device.type == "cuda")
     net = distributed.wrap(model, ranks, device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)

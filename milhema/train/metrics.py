@@ -85,12 +85,27 @@ def _point(name: str, y: np.ndarray, prob: np.ndarray, n_classes: int) -> float:
     return macro_auroc(y, prob, n_classes)
 
 
-def bootstrap(stat: Callable[[np.ndarray], float], n: int, n_boot: int = 1000, seed: int = 0) -> tuple[float, list[float]]:
-    """Bootstrap sd and 95% percentile interval of ``stat(indices)`` over ``n`` items."""
+def bootstrap(stat: Callable[[np.ndarray], float], n: int, n_boot: int = 1000, seed: int = 0,
+              groups: np.ndarray | None = None) -> tuple[float, list[float]]:
+    """Bootstrap sd and 95% percentile interval of ``stat(indices)`` over ``n`` items.
+
+    With ``groups`` (``[n]``, e.g. the patient of each slide) whole groups are resampled, each
+    bringing all its items: the interval then reflects how many independent patients there are,
+    not how many slides they have.
+    """
     rng = np.random.default_rng(seed)
+    if groups is None:
+        def draw() -> np.ndarray:
+            return rng.integers(0, n, n)
+    else:
+        members = [np.flatnonzero(groups == g) for g in dict.fromkeys(np.asarray(groups).tolist())]
+
+        def draw() -> np.ndarray:
+            picked = rng.integers(0, len(members), len(members))
+            return np.concatenate([members[i] for i in picked])
     with warnings.catch_warnings():  # resamples that miss a class are expected; sklearn warns on each
         warnings.simplefilter("ignore")
-        values = np.array([stat(rng.integers(0, n, n)) for _ in range(n_boot)], dtype=float)
+        values = np.array([stat(draw()) for _ in range(n_boot)], dtype=float)
     values = values[np.isfinite(values)]
     if values.size == 0:
         return float("nan"), [float("nan"), float("nan")]
@@ -98,8 +113,11 @@ def bootstrap(stat: Callable[[np.ndarray], float], n: int, n_boot: int = 1000, s
 
 
 def classification_metrics(y: np.ndarray, prob: np.ndarray, classes: Sequence[str], *, n_boot: int = 1000,
-                           seed: int = 0) -> dict[str, Any]:
-    """Metrics of predicted probabilities ``prob [P, K]`` against labels ``y [P]`` (ints into ``classes``)."""
+                           seed: int = 0, groups: np.ndarray | None = None) -> dict[str, Any]:
+    """Metrics of predicted probabilities ``prob [P, K]`` against labels ``y [P]`` (ints into ``classes``).
+
+    ``groups`` (``[P]``): rows that belong together (the slides of one patient), resampled together.
+    """
     y = np.asarray(y)
     prob = np.asarray(prob, dtype=float)
     k = len(classes)
@@ -108,7 +126,7 @@ def classification_metrics(y: np.ndarray, prob: np.ndarray, classes: Sequence[st
         def stat(idx: np.ndarray, name: str = name) -> float:
             return _point(name, y[idx], prob[idx], k)
 
-        std, ci = bootstrap(stat, len(y), n_boot, seed)
+        std, ci = bootstrap(stat, len(y), n_boot, seed, groups)
         with warnings.catch_warnings():  # a small cohort may never predict some class: expected
             warnings.simplefilter("ignore")
             out[name] = {"mean": _point(name, y, prob, k), "std": std, "ci95": ci}
@@ -124,17 +142,18 @@ def classification_metrics(y: np.ndarray, prob: np.ndarray, classes: Sequence[st
 
 
 def summarise_repeats(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], *, n_boot: int = 1000,
-                      seed: int = 0) -> dict[str, Any]:
+                      seed: int = 0, groups: np.ndarray | None = None) -> dict[str, Any]:
     """Metrics of out-of-fold probabilities ``[R, P, K]`` from R repeats of cross-validation.
 
     With one repeat this is :func:`classification_metrics`. With several, each summary metric's
     ``mean`` is the average of the repeats' point estimates, ``std`` their spread, and ``ci95``
     the bootstrap interval of that same average (each resample of patients scored in every
     repeat), so the interval always describes the number it brackets. The confusion matrix and
-    per-class scores are those of the repeat-averaged probabilities.
+    per-class scores are those of the repeat-averaged probabilities. ``groups`` as in
+    :func:`classification_metrics`.
     """
     probs = np.asarray(probs, dtype=float)
-    averaged = classification_metrics(y, probs.mean(axis=0), classes, n_boot=n_boot, seed=seed)
+    averaged = classification_metrics(y, probs.mean(axis=0), classes, n_boot=n_boot, seed=seed, groups=groups)
     if len(probs) == 1:
         return averaged
     y = np.asarray(y)
@@ -146,7 +165,7 @@ def summarise_repeats(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], 
         def mean_stat(idx: np.ndarray, name: str = name) -> float:
             return float(np.mean([_point(name, y[idx], p[idx], k) for p in probs]))
 
-        _, ci = bootstrap(mean_stat, len(y), n_boot, seed)
+        _, ci = bootstrap(mean_stat, len(y), n_boot, seed, groups)
         averaged[name] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "ci95": ci,
                           "per_repeat": values}
     return averaged

@@ -38,7 +38,7 @@ class PatientModel(nn.Module):
     def forward(self, batch: Batch) -> MILOutput:
         x = self.feature_norm(batch.x)
         cbc = self.cbc_encoder(batch.cbc) if self.cbc_encoder is not None else None
-        out = self.mil(x, batch.mask, cbc=cbc, coords=batch.coords, view=batch.view)
+        out = self.mil(x, batch.mask, cbc=cbc, coords=batch.coords, view=batch.view, slide=batch.slide)
         if self.survival is not None:
             out = dataclasses.replace(out, survival=self.survival(out.embedding))
         return out

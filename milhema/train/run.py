@@ -87,6 +87,12 @@ def prepare(settings: Settings, cohort: Cohort, bags: Path | None) -> Prepared:
     return Prepared(store, info, spec, ids)
 
 
+def fold_seed(seed: int, repeat: int, fold: int) -> int:
+    """The seed of one cv fold, derived from ``(train.seed, repeat, fold)``: folds and repeats start
+    from different initial weights, so the spread over repeats includes initialisation."""
+    return int(np.random.SeedSequence([seed, repeat, fold]).generate_state(1)[0])
+
+
 def inner_split(ids: Sequence[str], y: np.ndarray, fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Stratified validation split of the training patients (unstratified if a class is too small)."""
     try:
@@ -104,21 +110,27 @@ def event_strata(event: np.ndarray, folds: int) -> np.ndarray:
 
 def train_model(settings: Settings, store: BagStore, spec: Mapping[str, Any], train_ids: Sequence[str],
                 val_ids: Sequence[str], device: torch.device, log: Callable[[dict[str, Any]], None] | None,
-                progress: bool, desc: str, ranks: Ranks | None = None) -> tuple[PatientModel, list[dict[str, Any]]]:
-    """Fit preprocessing on the training patients, then train with early stopping on ``val_ids``."""
+                progress: bool, desc: str, ranks: Ranks | None = None,
+                seed: int | None = None) -> tuple[PatientModel, list[dict[str, Any]]]:
+    """Fit preprocessing on the training patients, then train with early stopping on ``val_ids``.
+
+    ``seed`` (default ``train.seed``) draws the initial weights and everything random in training;
+    cv gives each fold its own (:func:`fold_seed`).
+    """
+    seed = settings.train.seed if seed is None else seed
     train_bags, val_bags = store.many(train_ids), store.many(val_ids)
     survival = spec.get("survival")
     if survival and survival["kind"] == "discrete":
         # Bins from the training patients only; stored in the spec, so the checkpoint rebuilds them.
         edges = time_bin_edges(train_bags.times, train_bags.events, survival["bins"])
         spec = {**spec, "survival": {**survival, "edges": edges}}
-    torch.manual_seed(settings.train.seed)  # initial weights: same seed, same run
+    torch.manual_seed(seed)  # initial weights: same seed, same run
     model = build_model(spec)
     model.feature_norm.fit(b.features for b in train_bags)
     if model.cbc_encoder is not None:
         model.cbc_encoder.fit(np.stack([b.cbc for b in train_bags]))
     history = fit(model, train_bags, val_bags, settings, device=device, log=log, progress=progress, desc=desc,
-                  ranks=ranks)
+                  ranks=ranks, seed=seed)
     return model, history
 
 
@@ -205,6 +217,11 @@ def publish(run: RunFolder, metrics: Mapping[str, Any], table: str, ids: Sequenc
     run.tracker.log_checkpoints(run.path / "checkpoints", run.out.name)
 
 
+# What `train` can and cannot say about its model: it has no held-out patients.
+EARLY_STOPPING_NOTE = ("the metrics are on the validation patients that chose the stopping epoch: optimistic, not a test "
+                       "set; milhema cv estimates how the model does on new patients")
+
+
 def run_train(settings: Settings, cohort: Cohort, bags: str | Path | None, out: str | Path, *,
               overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """One model on all labelled patients, early-stopped on an inner validation split."""
@@ -226,15 +243,15 @@ def run_train(settings: Settings, cohort: Cohort, bags: str | Path | None, out: 
                          "val_patients": val_ids})
         val = predict(model, prep.store.many(val_ids), t.batch_size, device=device, ranks=ranks)
         val_y = cohort.labels(val_ids)
-        metrics = {**metrics_header(settings, prep.spec, cohort.classes),
+        metrics = {**metrics_header(settings, prep.spec, cohort.classes), "note": EARLY_STOPPING_NOTE,
                    "n_patients": len(prep.ids), "n_train": len(train_ids), "n_val": len(val_ids),
                    "epochs_run": len(history), "backbone": prep.info.backbone, "feature_dim": prep.info.feature_dim,
                    "processes": ranks.world}
         if loss.has_classification:
-            metrics["validation"] = classification_metrics(val_y, val.probs, cohort.classes)
+            metrics["early_stopping_split"] = classification_metrics(val_y, val.probs, cohort.classes)
         if loss.has_survival and val.risk is not None:
             vt, ve = cohort.follow_up(val_ids)
-            metrics["validation_survival"] = {"c_index": concordance_summary(vt, ve, val.risk, seed=t.seed)}
+            metrics["early_stopping_split_survival"] = {"c_index": concordance_summary(vt, ve, val.risk, seed=t.seed)}
         publish(run, metrics, "validation_predictions", val_ids, [cohort.patients[p].label for p in val_ids],
-                val.probs, cohort.classes, {"validation": (val_y, val.probs)} if loss.has_classification else {})
+                val.probs, cohort.classes, {"early_stopping_split": (val_y, val.probs)} if loss.has_classification else {})
     return metrics
