@@ -89,3 +89,40 @@ def test_slides_of_one_patient_are_resampled_together() -> None:
     width = [m["ci95"][1] - m["ci95"][0] for m in (by_slide, by_patient, once)]
     assert by_slide["mean"] == by_patient["mean"] == once["mean"]
     assert width[1] > 1.5 * width[0] and abs(width[1] - width[2]) < 0.1
+
+
+def test_temperature_scaling_recovers_a_known_temperature() -> None:
+    """Labels drawn from softmax(z / 2.5) while the model reports softmax(z): the fitted T is ~2.5,
+    and scaling by it lowers ECE and Brier score on new patients drawn the same way."""
+    from milhema.train.calibration import apply_temperature, fit_temperature
+    from milhema.train.metrics import brier, expected_calibration_error
+
+    rng = np.random.default_rng(0)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        z = rng.normal(scale=4.0, size=(n, 3))
+        truth = np.exp(z / 2.5) / np.exp(z / 2.5).sum(1, keepdims=True)
+        y = np.array([rng.choice(3, p=p) for p in truth])
+        return np.exp(z) / np.exp(z).sum(1, keepdims=True), y
+
+    val_probs, val_y = draw(2000)
+    t = fit_temperature(val_probs, val_y)
+    assert 2.2 < t < 2.8
+    test_probs, test_y = draw(2000)
+    scaled = apply_temperature(test_probs, t)
+    assert (scaled.argmax(1) == test_probs.argmax(1)).all()   # the predicted class never changes
+    assert expected_calibration_error(test_y, scaled) < 0.5 * expected_calibration_error(test_y, test_probs)
+    assert brier(test_y, scaled) < brier(test_y, test_probs)
+    assert fit_temperature(val_probs[:1], val_y[:1]) == 1.0   # too few patients to fit: unchanged
+
+
+def test_coverage_curve_abstains_on_the_least_confident() -> None:
+    from milhema.train.calibration import coverage_curve
+
+    y = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    confident_right = np.array([[0.95, 0.05], [0.1, 0.9], [0.9, 0.1], [0.15, 0.85]])
+    unsure_wrong = np.array([[0.45, 0.55], [0.55, 0.45], [0.48, 0.52], [0.52, 0.48]])
+    curve = coverage_curve(y, np.vstack([confident_right, unsure_wrong]), 2, steps=(0.25, 0.5, 0.75, 1.0))
+    rows = {r["coverage"]: r for r in curve["curve"]}
+    assert rows[0.5]["balanced_accuracy"] == 1.0 and rows[1.0]["balanced_accuracy"] == 0.5
+    assert curve["coverage_at_target"] == 0.5 and rows[0.5]["min_confidence"] == 0.85

@@ -134,6 +134,12 @@ def test_cv_learns_the_planted_signal_and_writes_the_run(cv_run, planted) -> Non
     assert attention["mean"] >= 0.8 and 0.3 < occluded["mean"] <= 1.0
     assert metrics["occlusion"]["attention_on_the_same_patients"] == attention   # here every patient is occluded
     assert metrics["n_patients"] == 24 and metrics["n_slides"] == 36 and metrics["folds"] == 3
+    # Calibration: a temperature per fold, kept in its checkpoint; ECE/Brier before and after; coverage.
+    temperatures = [json.loads((out / "checkpoints" / f"r0_f{k}.json").read_text())["temperature"] for k in range(3)]
+    assert metrics["calibration"]["temperature"]["per_fold"] == [round(t, 4) for t in temperatures]
+    assert all(0.05 <= t <= 20 for t in temperatures) and len(set(temperatures)) == 3
+    assert set(metrics["calibration"]["ece"]) == {"before", "after"} and (out / "calibration.png").is_file()
+    assert metrics["coverage"]["curve"][-1]["coverage"] == 1.0 and "brier" in metrics["patient"]
     assert json.loads((out / "metrics.json").read_text()) == metrics
     with open(out / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -188,7 +194,10 @@ def test_predict_reproduces_out_of_fold_predictions(cv_run, planted, tmp_path: P
     for pid, prob in zip(result["patient_ids"], result["probs"][:, 1], strict=True):
         assert prob == pytest.approx(oof[pid], abs=1e-5)
     with open(tmp_path / "pred" / "predictions.csv") as fh:
-        assert all(r["n_models"] == "1" for r in csv.DictReader(fh))
+        rows = list(csv.DictReader(fh))
+    assert all(r["n_models"] == "1" for r in rows)
+    # confidence = the (calibrated) probability of the predicted class
+    assert all(r["confidence"] == f"{max(float(r['prob_healthy']), float(r['prob_disease'])):.6f}" for r in rows)
     ensemble = run_predict(out, cohort, planted[1], tmp_path / "ens", ensemble=True)
     assert not np.allclose(ensemble["probs"], result["probs"])
 

@@ -37,7 +37,7 @@ def save_checkpoint(stem: Path, model: PatientModel, spec: Mapping[str, Any], me
         os.fsync(fh.fileno())  # on disk before the rename, and before a cv fold is marked done
     os.replace(tmp, weights)
     document = {"format": "milhema-checkpoint", "format_version": 1, "created_with": f"milhema {__version__}",
-                "spec": dict(spec), **dict(meta)}
+                "spec": dict(spec), "temperature": model.temperature, **dict(meta)}
     write_text(stem.with_suffix(".json"), json.dumps(document, indent=2) + "\n", durable=True)
     return weights
 
@@ -61,6 +61,10 @@ def load_checkpoint(stem: Path) -> tuple[PatientModel, dict[str, Any]]:
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {stem.name}: weights do not match its architecture "
                               f"({str(exc).splitlines()[0]})") from exc
+    temperature = meta.get("temperature", 1.0)   # checkpoints before calibration: none
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 < temperature < 1e3:
+        raise CheckpointError(f"checkpoint {stem.name}: temperature {temperature!r} is not a positive number")
+    model.temperature = float(temperature)
     model.eval()
     return model, meta
 

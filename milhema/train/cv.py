@@ -25,11 +25,12 @@ from milhema.io import partial_folder, write_csv
 from milhema.settings import Settings
 from milhema.train import distributed
 from milhema.train.baseline import cbc_design, cross_val_proba, patient_folds
+from milhema.train.calibration import apply_temperature, calibration_figure, coverage_curve
 from milhema.train.checkpoint import load_checkpoint, save_checkpoint
 from milhema.train.data import PatientBag
 from milhema.train.distributed import Ranks
 from milhema.train.inference import FoldPredictions, occlusion, predict_patients
-from milhema.train.metrics import diagnostic_auroc, summarise_repeats
+from milhema.train.metrics import brier, diagnostic_auroc, expected_calibration_error, summarise_repeats
 from milhema.train.model import PatientModel
 from milhema.train.outputs import prediction_header, prediction_rows, rank_percentiles, write_cell_scores
 from milhema.train.resume import (
@@ -138,6 +139,7 @@ class FoldResult:
     fold: Fold
     predictions: FoldPredictions
     bags: list[PatientBag]
+    temperature: float = 1.0
     risk: np.ndarray | None = None
     cbc_risk: np.ndarray | None = None
     attention: dict[str, np.ndarray] = field(default_factory=dict)
@@ -199,7 +201,8 @@ def score_fold(plan: CvPlan, fold: Fold, model: PatientModel, device: torch.devi
     """Predictions of the fold's test patients (bags read once), risks, and faithfulness scores on repeat 0."""
     s, split = plan.settings, fold.split
     bags = list(plan.prepared.store.many(split.test))
-    result = FoldResult(fold, predict_patients(model, bags, s.train.batch_size, device, ranks), bags)
+    result = FoldResult(fold, predict_patients(model, bags, s.train.batch_size, device, ranks), bags,
+                        model.temperature)
     patient = result.predictions.patient
     if s.loss.has_survival and patient.risk is not None:
         train, test = fold.train_idx, fold.test_idx
@@ -230,7 +233,9 @@ class CvResults:
     def __init__(self, plan: CvPlan) -> None:
         self.plan = plan
         repeats, n, k = plan.settings.cv.repeats, len(plan.ids), len(plan.cohort.classes)
-        self.patient_probs = np.zeros((repeats, n, k))
+        self.patient_probs = np.zeros((repeats, n, k))      # calibrated (each fold's temperature)
+        self.raw_probs = np.zeros((repeats, n, k))          # before temperature scaling
+        self.temperatures: list[float] = []
         self.cbc_probs = np.zeros((repeats, n, k))
         self.fold_of = np.zeros((repeats, n), int)
         self.patient_risk = np.full((repeats, n), np.nan)
@@ -244,6 +249,8 @@ class CvResults:
         fold, pred = result.fold, result.predictions
         r, k, test = fold.split.repeat, fold.split.fold, fold.test_idx
         self.patient_probs[r, test] = pred.patient.probs
+        self.raw_probs[r, test] = apply_temperature(pred.patient.probs, 1.0 / result.temperature)
+        self.temperatures.append(result.temperature)
         self.fold_of[r, test] = k
         if result.risk is not None:
             self.patient_risk[r, test] = result.risk
@@ -253,6 +260,11 @@ class CvResults:
         self.faithful["attention"] |= result.attention
         self.faithful["occlusion"] |= result.occlusion
         self.truth |= result.truth
+
+    def _calibration(self, folder: Path) -> dict[str, Any]:
+        """Calibration and coverage of the repeat-averaged out-of-fold probabilities."""
+        return _calibration_summary(self.plan.y, self.raw_probs.mean(axis=0), self.patient_probs.mean(axis=0),
+                                    self.temperatures, len(self.plan.cohort.classes), folder)
 
     def metrics(self, folder: Path, ranks: Ranks, started: float) -> dict[str, Any]:
         """metrics.json of the run (the Kaplan-Meier figure of a survival task goes to ``folder``)."""
@@ -269,6 +281,7 @@ class CvResults:
                 "patient_from_slides": from_slides,
                 "baselines": {"cbc_only": {"patient": summarise_repeats(plan.y, self.cbc_probs, classes)}}
                 if plan.has_baseline else {},
+                **self._calibration(folder),
             }
         attention, occluded = self.faithful["attention"], self.faithful["occlusion"]
         if attention:
@@ -287,6 +300,24 @@ class CvResults:
             "repeats": s.cv.repeats, "backbone": info.backbone, "feature_dim": info.feature_dim,
             "processes": ranks.world, "wall_time_s": round(time.perf_counter() - started, 1),
         }
+
+
+def _calibration_summary(y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, temperatures: Sequence[float],
+                         n_classes: int, folder: Path) -> dict[str, Any]:
+    """Temperature scaling's effect (ECE and Brier before and after, out of fold) and the coverage
+    curve of the calibrated probabilities; the figure goes to ``folder/calibration.png``."""
+    coverage = coverage_curve(y, calibrated, n_classes)
+    calibration_figure(y, raw, calibrated, coverage, folder / "calibration.png")
+    return {
+        "calibration": {
+            "method": "temperature scaling fitted on each fold's inner validation split",
+            "temperature": {"mean": float(np.mean(temperatures)), "per_fold": [round(t, 4) for t in temperatures]},
+            "ece": {"before": expected_calibration_error(y, raw), "after": expected_calibration_error(y, calibrated)},
+            "brier": {"before": brier(y, raw), "after": brier(y, calibrated)},
+            "figure": "calibration.png",
+        },
+        "coverage": coverage,
+    }
 
 
 def _occlusion_subset(ids: Sequence[str], strata: np.ndarray, n: int, seed: int) -> frozenset[str]:

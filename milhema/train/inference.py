@@ -69,7 +69,7 @@ def predict(model: PatientModel, bags: Sequence[PatientBag], batch_size: int, *,
         batch = collate([bags[i] for i in idx]).to(device)
         with torch.autocast(device.type, enabled=False):
             out = model(batch)
-        p = torch.softmax(out.logits.float(), dim=1).cpu().numpy()
+        p = torch.softmax(out.logits.float() / model.temperature, dim=1).cpu().numpy()
         scores = out.cell_scores.float().cpu().numpy()
         cls = out.class_cell_scores.float().cpu().numpy() if out.class_cell_scores is not None else None
         surv = out.survival.float() if head is not None else None
@@ -114,7 +114,7 @@ def occlusion(model: PatientModel, bag: PatientBag, device: torch.device, chunk:
     """
     n = bag.n_cells
     batch = collate([bag]).to(device)
-    full = torch.softmax(model(batch).logits.float(), dim=1)[0]           # [K]
+    full = torch.softmax(model(batch).logits.float() / model.temperature, dim=1)[0]   # [K]
     out = np.zeros((n, full.numel()), np.float64)
     for start in range(0, n, chunk):
         idx = torch.arange(start, min(n, start + chunk), device=device)
@@ -126,6 +126,6 @@ def occlusion(model: PatientModel, bag: PatientBag, device: torch.device, chunk:
                        batch.y.expand(c).contiguous(), np.repeat(batch.index, c, axis=0),
                        batch.time.expand(c).contiguous(), batch.event.expand(c).contiguous(),
                        batch.slide.expand(c, -1).contiguous())
-        probs = torch.softmax(model(copies).logits.float(), dim=1)         # [c, K]
+        probs = torch.softmax(model(copies).logits.float() / model.temperature, dim=1)   # [c, K]
         out[start:start + c] = (full[None] - probs).cpu().numpy()
     return out

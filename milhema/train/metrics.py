@@ -16,7 +16,7 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 
-SUMMARY_METRICS = ("balanced_accuracy", "macro_f1", "macro_auroc", "accuracy", "ece")
+SUMMARY_METRICS = ("balanced_accuracy", "macro_f1", "macro_auroc", "accuracy", "ece", "brier")
 
 
 def macro_auroc(y: np.ndarray, prob: np.ndarray, n_classes: int) -> float:
@@ -40,7 +40,7 @@ def _confusion(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
     return np.bincount(y * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
-def _balanced_accuracy(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
     """Mean recall over the classes present in ``y`` (as scikit-learn's balanced_accuracy_score)."""
     cm = _confusion(y, pred, n_classes)
     support = cm.sum(axis=1)
@@ -72,12 +72,23 @@ def expected_calibration_error(y: np.ndarray, prob: np.ndarray, n_bins: int = 10
     return float(ece)
 
 
+def brier(y: np.ndarray, prob: np.ndarray) -> float:
+    """Multi-class Brier score: mean squared distance of ``prob [P, K]`` to the one-hot labels (0 = perfect)."""
+    if len(y) == 0:
+        return float("nan")
+    onehot = np.zeros_like(prob)
+    onehot[np.arange(len(y)), y] = 1.0
+    return float(np.mean(np.sum((prob - onehot) ** 2, axis=1)))
+
+
 def _point(name: str, y: np.ndarray, prob: np.ndarray, n_classes: int) -> float:
     pred = prob.argmax(axis=1)
     if name == "ece":
         return expected_calibration_error(y, prob)
+    if name == "brier":
+        return brier(y, prob)
     if name == "balanced_accuracy":
-        return _balanced_accuracy(y, pred, n_classes)
+        return balanced_accuracy(y, pred, n_classes)
     if name == "macro_f1":
         return _macro_f1(y, pred, n_classes)
     if name == "accuracy":

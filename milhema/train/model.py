@@ -24,6 +24,9 @@ class PatientModel(nn.Module):
     MIL model's :class:`~milhema.models.MILOutput`; with a survival head its ``survival`` field holds
     the head's raw output ``[B, 1]`` (Cox) or ``[B, K]`` (discrete time), read from the bag embedding,
     so every model family gets survival without knowing about it.
+
+    ``temperature`` divides the logits when probabilities are reported (:mod:`milhema.train.calibration`):
+    1.0 while training, fitted on the inner validation split after it, and kept in the checkpoint.
     """
 
     def __init__(self, mil: MILModel, feature_norm: FeatureNorm, cbc_encoder: CBCEncoder | None,
@@ -34,6 +37,7 @@ class PatientModel(nn.Module):
         self.cbc_encoder = cbc_encoder
         self.survival = survival
         self.spec = dict(spec or {})
+        self.temperature = 1.0
 
     def forward(self, batch: Batch) -> MILOutput:
         x = self.feature_norm(batch.x)

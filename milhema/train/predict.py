@@ -164,10 +164,13 @@ def run_predict(run: str | Path, cohort: Cohort, bags: str | Path | None, out: s
         labels = [cohort.patients[p].label for p in ids]
         risk = result.risk
         # Risk is on each model's own scale: compare patients scored by the same model(s).
+        # confidence: the calibrated probability of the predicted class; the run's coverage curve
+        # (metrics.json) says how accurate the model is above a confidence.
         write_csv(tmp / "predictions.csv", prediction_header("patient_id", classes,
-                                                             ["n_models", *(["risk"] if risk else [])]),
+                                                             ["confidence", "n_models", *(["risk"] if risk else [])]),
                   prediction_rows(ids, labels, probs, classes,
-                                  [(counts[p], *((f"{risk[p]:.6f}",) if risk and p in risk else ())) for p in ids]))
+                                  [(f"{probs[i].max():.6f}", counts[p], *((f"{risk[p]:.6f}",) if risk and p in risk else ()))
+                                   for i, p in enumerate(ids)]))
         sids = list(result.slide_probs)
         write_csv(tmp / "slide_predictions.csv", prediction_header("slide_id", classes, ["patient_id"]),
                   prediction_rows(sids, [cohort.patients[result.slide_patient[s]].label for s in sids],

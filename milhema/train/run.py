@@ -27,6 +27,7 @@ from milhema.io import atomic_folder, check_new_folder, write_text
 from milhema.settings import Settings
 from milhema.tracking import Tracker, start_tracker
 from milhema.train import distributed
+from milhema.train.calibration import fit_temperature
 from milhema.train.checkpoint import save_checkpoint
 from milhema.train.data import BagInfo, BagStore, check_views, inspect_bags, resolve_views
 from milhema.train.distributed import Ranks
@@ -131,6 +132,10 @@ def train_model(settings: Settings, store: BagStore, spec: Mapping[str, Any], tr
         model.cbc_encoder.fit(np.stack([b.cbc for b in train_bags]))
     history = fit(model, train_bags, val_bags, settings, device=device, log=log, progress=progress, desc=desc,
                   ranks=ranks, seed=seed)
+    if settings.loss.has_classification and len(val_bags):
+        # Calibrated on the split that chose the epoch, never on a test patient (Guo et al. 2017).
+        val = predict(model, val_bags, settings.train.batch_size, device=device, ranks=ranks)
+        model.temperature = fit_temperature(val.probs, val_bags.labels)
     return model, history
 
 
@@ -245,7 +250,8 @@ def run_train(settings: Settings, cohort: Cohort, bags: str | Path | None, out: 
         val_y = cohort.labels(val_ids)
         metrics = {**metrics_header(settings, prep.spec, cohort.classes), "note": EARLY_STOPPING_NOTE,
                    "n_patients": len(prep.ids), "n_train": len(train_ids), "n_val": len(val_ids),
-                   "epochs_run": len(history), "backbone": prep.info.backbone, "feature_dim": prep.info.feature_dim,
+                   "epochs_run": len(history), "temperature": model.temperature,
+                   "backbone": prep.info.backbone, "feature_dim": prep.info.feature_dim,
                    "processes": ranks.world}
         if loss.has_classification:
             metrics["early_stopping_split"] = classification_metrics(val_y, val.probs, cohort.classes)
