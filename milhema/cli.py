@@ -166,13 +166,21 @@ def _print_sync_hint(run: Path) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     from milhema.data.manifest import load_cohort
+    from milhema.train.metrics import format_ci
     from milhema.train.predict import run_predict, run_settings
 
     data = run_settings(args.run).data
     cohort = load_cohort(args.cohort, data.classes, data.patient_features, absent_features="missing")
-    run_predict(args.run, cohort, args.bags, args.out, ensemble=args.ensemble, overwrite=args.overwrite,
-                device=args.device)
+    done = run_predict(args.run, cohort, args.bags, args.out, ensemble=args.ensemble, overwrite=args.overwrite,
+                       device=args.device)
     print(f"predictions for {len(cohort.patients)} patients in {args.out}")
+    m = done["metrics"]
+    if m is not None:
+        base = m["baselines"].get("cbc_only", {}).get("patient")
+        print(f"  {m['n_patients']} patients have a label ({m['out_of_fold_patients']} predicted out of fold):")
+        for name in ("balanced_accuracy", "macro_auroc", "ece"):
+            beside = f"CBC only {format_ci(base[name])}" if base else ""
+            print(f"  {name:<18} {format_ci(m['patient'][name]):<22} {beside}".rstrip())
     return 0
 
 

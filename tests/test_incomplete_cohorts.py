@@ -139,3 +139,35 @@ def test_a_slide_whose_view_the_model_does_not_know_is_refused(tmp_path: Path, c
                       "the model's views PB, BM (data.views); give it one of them or add it to data.views")
     # A model that pools all slides alike does not need views: the same cohort trains.
     assert main(["cv", "--out", str(tmp_path / "ab"), *args]) == 0
+
+
+def test_predict_on_a_labelled_cohort_is_an_external_validation(tmp_path: Path, capsys) -> None:
+    """Trained at one 'hospital' (planted cohort, seed 0), judged at another (seed 1): predict writes the
+    same metrics as cv, with the CBC-only model of the training run applied to the new patients."""
+    train_cohort, train_bags = planted_cohort(tmp_path / "a", n_patients=24, seed=0)
+    new_cohort, new_bags = planted_cohort(tmp_path / "b", n_patients=20, seed=1)
+    features = ["data.patient_features=[wbc, hb]", "data.log_features=[wbc]"]
+    assert main(["cv", "--cohort", str(train_cohort), "--bags", str(train_bags), "--out", str(tmp_path / "run"),
+                 "-q", *SET, "train.epochs=60", "train.lr=0.003", *features]) == 0
+    saved = json.loads((tmp_path / "run" / "baselines" / "cbc_only.json").read_text())
+    assert saved["columns"] == ["wbc", "hb"] and saved["classes"] == ["healthy", "disease"]
+    capsys.readouterr()
+    assert main(["predict", "--run", str(tmp_path / "run"), "--cohort", str(new_cohort), "--bags", str(new_bags),
+                 "--out", str(tmp_path / "external"), "-q"]) == 0
+    said = capsys.readouterr().out
+    assert "20 patients have a label (0 predicted out of fold)" in said and "CBC only" in said
+    metrics = json.loads((tmp_path / "external" / "metrics.json").read_text())
+    assert metrics["n_patients"] == 20 and metrics["patient"]["balanced_accuracy"]["mean"] >= 0.7
+    base = metrics["baselines"]["cbc_only"]["patient"]
+    assert base["balanced_accuracy"]["mean"] < metrics["patient"]["balanced_accuracy"]["mean"]   # the CBC is noise
+    assert set(metrics["patient"]) >= {"balanced_accuracy", "macro_auroc", "ece", "brier", "confusion_matrix"}
+    assert metrics["coverage"]["curve"][-1]["coverage"] == 1.0
+    assert (tmp_path / "external" / "classification.png").read_bytes()[:4] == b"\x89PNG"
+    # A cohort without labels: predictions only, as before.
+    rows = _rows(new_cohort / "patients.csv")
+    for row in rows:
+        row["label"] = ""
+    _write_rows(new_cohort / "patients.csv", rows)
+    assert main(["predict", "--run", str(tmp_path / "run"), "--cohort", str(new_cohort), "--bags", str(new_bags),
+                 "--out", str(tmp_path / "unlabelled"), "-q"]) == 0
+    assert not (tmp_path / "unlabelled" / "metrics.json").exists()

@@ -7,8 +7,9 @@ missing-indicator column; counts are log-transformed first.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.impute import SimpleImputer
@@ -92,3 +93,45 @@ def cross_val_proba(x: np.ndarray, y: np.ndarray, splits: Sequence[tuple[np.ndar
         model = logistic_model(seed).fit(x[train], y[train])
         prob[np.ix_(test, model.classes_)] = model.predict_proba(x[test])
     return prob
+
+
+# Where a run keeps its CBC-only model (for predict's external validation).
+BASELINE_FILE = "baselines/cbc_only.json"
+
+
+def fit_cbc_baseline(x: np.ndarray, y: np.ndarray, classes: Sequence[str], columns: Sequence[str],
+                     log_columns: Sequence[str], seed: int = 0) -> dict[str, Any]:
+    """The CBC-only model fitted on all of a run's labelled patients, as plain numbers (JSON, no pickle).
+
+    ``x [P, F]`` is :func:`cbc_design`'s matrix of ``columns``; :func:`cbc_baseline_proba` applies
+    the result to a new cohort, so an external validation compares the MIL model with the CBC
+    alone on the same patients.
+    """
+    model = logistic_model(seed).fit(x, y)
+    imputer, scaler, regression = model.steps[0][1], model.steps[1][1], model.steps[2][1]
+    return {
+        "format": "milhema-cbc-baseline", "columns": list(columns),
+        "log_columns": [c for c in log_columns if c in columns], "classes": list(classes),
+        "medians": imputer.statistics_.tolist(),
+        "indicator_columns": [] if imputer.indicator_ is None else imputer.indicator_.features_.tolist(),
+        "mean": scaler.mean_.tolist(), "scale": scaler.scale_.tolist(),
+        "class_index": regression.classes_.tolist(), "coef": regression.coef_.tolist(),
+        "intercept": regression.intercept_.tolist(),
+    }
+
+
+def cbc_baseline_proba(params: Mapping[str, Any], x: np.ndarray) -> np.ndarray:
+    """``[P, K]`` probabilities of the saved CBC-only model for the design matrix ``x [P, F]``
+    (imputation with missing indicators, standardisation and the logistic regression, as fitted)."""
+    x = np.asarray(x, float)
+    filled = np.where(np.isnan(x), np.asarray(params["medians"]), x)
+    design = np.hstack([filled, np.isnan(x[:, params["indicator_columns"]]).astype(float)])
+    z = (design - np.asarray(params["mean"])) / np.asarray(params["scale"])
+    logits = z @ np.asarray(params["coef"]).T + np.asarray(params["intercept"])
+    if logits.shape[1] == 1:   # scikit-learn's binary model: one logit for the second class
+        logits = np.hstack([np.zeros_like(logits), logits])
+    logits -= logits.max(axis=1, keepdims=True)
+    fitted = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    probs = np.zeros((len(x), len(params["classes"])))
+    probs[:, params["class_index"]] = fitted
+    return probs

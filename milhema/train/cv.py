@@ -8,6 +8,7 @@ writes the run folder's tables. :func:`run_cv` strings them together.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from milhema.data.manifest import Cohort
 from milhema.errors import MilhemaError
-from milhema.io import partial_folder, write_csv
+from milhema.io import partial_folder, write_csv, write_text
 from milhema.settings import Settings
 from milhema.train import distributed
 from milhema.train.baseline import cbc_design, cross_val_proba, patient_folds
@@ -33,6 +34,7 @@ from milhema.train.inference import FoldPredictions, occlusion, predict_patients
 from milhema.train.metrics import brier, diagnostic_auroc, expected_calibration_error, summarise_repeats
 from milhema.train.model import PatientModel
 from milhema.train.outputs import prediction_header, prediction_rows, rank_percentiles, write_cell_scores
+from milhema.train.predict import SIGNATURES_FILE, patient_signature
 from milhema.train.resume import (
     RUN_HINT,
     CvProgress,
@@ -54,6 +56,7 @@ from milhema.train.run import (
     open_run,
     prepare,
     publish,
+    save_cbc_baseline,
     start_devices,
     train_model,
 )
@@ -243,6 +246,7 @@ class CvResults:
         self.slides: list[tuple[str, str, int, int, np.ndarray]] = []   # slide, patient, repeat, fold, probs
         self.faithful: dict[str, dict[str, np.ndarray]] = {"attention": {}, "occlusion": {}}
         self.truth: dict[str, np.ndarray | None] = {}
+        self.signatures: dict[str, str] = {}   # what the run's patients' data were (predict's out-of-fold check)
 
     def add(self, result: FoldResult) -> None:
         """Take one fold's test predictions into the out-of-fold arrays."""
@@ -257,6 +261,7 @@ class CvResults:
         if result.cbc_risk is not None:
             self.cbc_risk[r, test] = result.cbc_risk
         self.slides += [(sid, pred.slide_patient[j], r, k, pred.slide.probs[j]) for j, sid in enumerate(pred.slide_ids)]
+        self.signatures |= {bag.patient_id: patient_signature(bag) for bag in result.bags}
         self.faithful["attention"] |= result.attention
         self.faithful["occlusion"] |= result.occlusion
         self.truth |= result.truth
@@ -407,6 +412,9 @@ def write_outputs(run: RunFolder, results: CvResults, metrics: Mapping[str, Any]
               prediction_header("slide_id", classes, ["patient_id", "fold", "repeat"]),
               [prediction_rows([sid], [plan.cohort.patients[pid].label], prob[None], classes, [(pid, k, r)])[0]
                for sid, pid, r, k, prob in results.slides])
+    save_cbc_baseline(run, plan.settings, plan.cohort, ids)
+    write_text(run.path / SIGNATURES_FILE, json.dumps({"format": "milhema-run-patients",
+                                                      "signatures": results.signatures}, indent=1) + "\n")
     mean_probs = results.patient_probs.mean(axis=0)
     plots = {"patient": (plan.y, mean_probs)}
     if plan.has_baseline:

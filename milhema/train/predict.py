@@ -7,7 +7,9 @@ the ensemble of all fold models. A train run has one model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +22,29 @@ from milhema.config import settings_from_mapping
 from milhema.data.manifest import Cohort
 from milhema.device import resolve_device
 from milhema.errors import MilhemaError
-from milhema.io import atomic_folder, check_new_folder, write_csv
+from milhema.io import atomic_folder, check_new_folder, write_csv, write_text
 from milhema.settings import Settings
+from milhema.train.baseline import BASELINE_FILE, cbc_baseline_proba, cbc_design
+from milhema.train.calibration import coverage_curve
 from milhema.train.checkpoint import CheckpointError, check_compatible, load_checkpoint
-from milhema.train.data import BagInfo, BagStore, check_views, inspect_bags
+from milhema.train.data import BagInfo, BagStore, PatientBag, check_views, inspect_bags
+from milhema.train.figures import classification_figure
 from milhema.train.inference import predict_patients
+from milhema.train.metrics import classification_metrics
 from milhema.train.model import PatientModel, check_inputs
 from milhema.train.outputs import prediction_header, prediction_rows, write_cell_scores
+
+# Written by cv: the signature of each patient's data, so predict knows a patient of the run from
+# another cohort's patient who happens to have the same id.
+SIGNATURES_FILE = "run_patients.json"
+
+
+def patient_signature(bag: PatientBag) -> str:
+    """What identifies a patient's data beyond its id: SHA-256 of its slide ids, cell ids and features."""
+    digest = hashlib.sha256("\n".join(bag.slide_ids).encode())
+    digest.update("\n".join(map(str, bag.cell_ids)).encode())
+    digest.update(np.ascontiguousarray(bag.features).tobytes())
+    return digest.hexdigest()[:32]
 
 
 def run_settings(run: str | Path) -> Settings:
@@ -59,16 +77,30 @@ class LoadedRun:
     classes: list[str]
     store: BagStore
     info: BagInfo
+    signatures: dict[str, str] | None = None
 
     def assignments(self, patient_ids: Sequence[str], ensemble: bool = False) -> list[list[str]]:
-        """For each model, the patients it predicts (out-of-fold unless ``ensemble``)."""
-        tested = {p for _, meta in self.models for p in meta.get("test_patients", [])}
+        """For each model, the patients it predicts (out-of-fold unless ``ensemble``).
+
+        A patient counts as one the run tested only if its id *and* its slides and cell count match
+        the run's record: another hospital's "P001" is a new patient, predicted by every model.
+        """
+        tested: set[str] = set()
+        for _, meta in self.models:
+            tested |= {p for p in meta.get("test_patients", []) if self._same_patient(p)}
         out = []
         for _, meta in self.models:
             own = set(meta.get("test_patients", []))
             # Out-of-fold: a patient the run tested goes only to the models that held it out.
             out.append([p for p in patient_ids if ensemble or p not in tested or p in own])
         return out
+
+    def _same_patient(self, patient_id: str) -> bool:
+        if self.signatures is None:   # runs before signatures: ids alone
+            return True
+        if patient_id not in self.signatures or patient_id not in self.store.cohort.patients:
+            return False
+        return self.signatures[patient_id] == patient_signature(self.store.get(patient_id))
 
 
 @dataclass
@@ -108,7 +140,15 @@ def load_run(run: str | Path, cohort: Cohort, bags: str | Path | None, patient_i
     store = BagStore(cohort, bags, models[0][1]["spec"]["views"], cache=True, columns=info.columns,
                      feature_dim=info.feature_dim,
                      n_cells=info.n_cells)
-    return LoadedRun(run, settings, models, classes, store, info)
+    signatures_file = run / SIGNATURES_FILE
+    signatures = None
+    if signatures_file.is_file():
+        try:
+            signatures = dict(json.loads(signatures_file.read_text(encoding="utf-8"))["signatures"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise MilhemaError(f"{signatures_file}: unreadable ({type(exc).__name__}); restore it from the run, "
+                               "or pass --ensemble") from exc
+    return LoadedRun(run, settings, models, classes, store, info, signatures)
 
 
 def predict_run(loaded: LoadedRun, patient_ids: Sequence[str], device: torch.device,
@@ -150,8 +190,10 @@ def predict_run(loaded: LoadedRun, patient_ids: Sequence[str], device: torch.dev
 
 
 def run_predict(run: str | Path, cohort: Cohort, bags: str | Path | None, out: str | Path, *, ensemble: bool = False,
-                overwrite: bool = False, device: str = "auto") -> dict[str, np.ndarray]:
-    """Write predictions.csv, slide_predictions.csv and cell_scores/ into ``out``; return patient probabilities."""
+                overwrite: bool = False, device: str = "auto") -> dict[str, Any]:
+    """Write predictions.csv, slide_predictions.csv and cell_scores/ into ``out`` (and, for patients with
+    a label, metrics.json and classification.png: an external validation); return patient ids,
+    probabilities and those metrics (None without labels)."""
     out = Path(out)
     check_new_folder(out, overwrite=overwrite, what="output folder")
     ids = cohort.patient_ids
@@ -179,4 +221,40 @@ def run_predict(run: str | Path, cohort: Cohort, bags: str | Path | None, out: s
         for pid in ids:
             write_cell_scores(tmp / "cell_scores", store.get(pid), result.cell_scores[pid],
                               result.class_cell_scores[pid], classes)
-    return {"patient_ids": np.array(ids, dtype=object), "probs": probs}
+        metrics = validation_metrics(loaded, cohort, ids, probs, result.counts, ensemble)
+        if metrics is not None:
+            write_text(tmp / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            labelled = [i for i, p in enumerate(ids) if cohort.patients[p].label is not None]
+            classification_figure(cohort.labels([ids[i] for i in labelled]), probs[labelled], classes,
+                                  tmp / "classification.png", f"{len(labelled)} labelled patients, run {loaded.run.name}")
+    return {"patient_ids": np.array(ids, dtype=object), "probs": probs, "metrics": metrics}
+
+
+def validation_metrics(loaded: LoadedRun, cohort: Cohort, ids: Sequence[str], probs: np.ndarray,
+                       counts: Mapping[str, int], ensemble: bool) -> dict[str, Any] | None:
+    """Metrics of the predictions of ``ids`` that carry a label (an external validation when the
+    cohort is new), beside the run's CBC-only model applied to the same patients; None without labels."""
+    labelled = [i for i, p in enumerate(ids) if cohort.patients[p].label is not None]
+    if not labelled:
+        return None
+    classes = loaded.classes
+    y = cohort.labels([ids[i] for i in labelled])
+    p = probs[labelled]
+    metrics: dict[str, Any] = {
+        "task": "classification", "classes": classes, "run": str(loaded.run), "n_patients": len(labelled),
+        "models": "the fold models that held each run patient out; all fold models for new patients"
+        if not ensemble else "every model of the run for every patient",
+        "out_of_fold_patients": sum(1 for i in labelled if counts[ids[i]] < len(loaded.models)),
+        "patient": classification_metrics(y, p, classes),
+        "coverage": coverage_curve(y, p, len(classes)),
+        "baselines": {},
+    }
+    baseline = loaded.run / BASELINE_FILE
+    if baseline.is_file():
+        params = json.loads(baseline.read_text(encoding="utf-8"))
+        x = cbc_design(cohort, [ids[i] for i in labelled], params["log_columns"])
+        order = [cohort.patient_features.index(c) for c in params["columns"]]
+        metrics["baselines"]["cbc_only"] = {
+            "patient": classification_metrics(y, cbc_baseline_proba(params, x[:, order]), classes),
+            "fitted_on": "every labelled patient of the run"}
+    return metrics

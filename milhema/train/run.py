@@ -27,6 +27,7 @@ from milhema.io import atomic_folder, check_new_folder, write_text
 from milhema.settings import Settings
 from milhema.tracking import Tracker, start_tracker
 from milhema.train import distributed
+from milhema.train.baseline import BASELINE_FILE, cbc_design, fit_cbc_baseline
 from milhema.train.calibration import fit_temperature
 from milhema.train.checkpoint import save_checkpoint
 from milhema.train.data import BagInfo, BagStore, check_views, inspect_bags, resolve_views
@@ -209,6 +210,19 @@ def metrics_header(settings: Settings, spec: Mapping[str, Any], classes: Sequenc
     return {"task": settings.loss.task_name, "classes": list(classes), "model": spec["model"], "fusion": spec["fusion"]}
 
 
+def save_cbc_baseline(run: RunFolder, settings: Settings, cohort: Cohort, ids: Sequence[str]) -> None:
+    """The CBC-only model fitted on all of the run's labelled patients, for ``predict`` to apply to a
+    new cohort beside the MIL model (nothing is written without labels or patient features)."""
+    labelled = [p for p in ids if cohort.patients[p].label is not None]
+    y = cohort.labels(labelled)
+    if not settings.loss.has_classification or not cohort.patient_features or len(set(y.tolist())) < 2:
+        return
+    x = cbc_design(cohort, labelled, settings.data.log_features)
+    params = fit_cbc_baseline(x, y, cohort.classes, cohort.patient_features, settings.data.log_features,
+                              settings.train.seed)
+    write_text(run.path / BASELINE_FILE, json.dumps(params, indent=2) + "\n")
+
+
 def publish(run: RunFolder, metrics: Mapping[str, Any], table: str, ids: Sequence[str],
             labels: Sequence[str | None], probs: np.ndarray, classes: Sequence[str],
             plots: Mapping[str, tuple[np.ndarray, np.ndarray]], extra: Mapping[str, Sequence[Any]] | None = None) -> None:
@@ -258,6 +272,7 @@ def run_train(settings: Settings, cohort: Cohort, bags: str | Path | None, out: 
         if loss.has_survival and val.risk is not None:
             vt, ve = cohort.follow_up(val_ids)
             metrics["early_stopping_split_survival"] = {"c_index": concordance_summary(vt, ve, val.risk, seed=t.seed)}
+        save_cbc_baseline(run, settings, cohort, prep.ids)
         publish(run, metrics, "validation_predictions", val_ids, [cohort.patients[p].label for p in val_ids],
                 val.probs, cohort.classes, {"early_stopping_split": (val_y, val.probs)} if loss.has_classification else {})
     return metrics
