@@ -353,6 +353,34 @@ def test_fields_resume_without_detecting_again(fields: tuple[Path, Path, Path]) 
     assert {p: p.stat().st_mtime_ns for p in (bags / "detections").iterdir()} == stamps
 
 
+def test_external_detections_of_fields(fields: tuple[Path, Path, Path], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    cohort, _, _ = fields
+    source = load_cohort(cohort, CLASSES, ()).slides[0].source
+    folder = tmp_path / "c" / "F"
+    shutil.copytree(source, folder)
+    root = _cohort(tmp_path / "c", ["F,P1,F,fields,0.25"], header="slide_id,patient_id,source,kind,mpp")
+    want = {}
+    for k, name in enumerate(FIELD_FILES):   # each field's cells: its truth file, as a QuPath-like CSV
+        stem = Path(name).stem
+        with open(folder / f"{stem}.cells.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        (folder / f"{stem}.csv").write_text("x;y;Class\n" + "".join(
+            f"{r['x'].replace('.', ',')};{r['y'].replace('.', ',')};QP {r['cell_type']}\n" for r in rows))
+        want |= {f"{name}:{round(float(r['x']))}_{round(float(r['y']))}": (k, f"QP {r['cell_type']}") for r in rows}
+    bags = tmp_path / "bags"
+    assert main(["embed", "--cohort", str(root), "--out", str(bags), "--detector", "external", *EMBED]) == 0
+    bag = read_bag(bags / "F.h5", thumbnails=False)
+    assert bag.field is not None and bag.cell_types is not None
+    got = {str(c): (int(f), str(t)) for c, f, t in zip(bag.cell_ids, bag.field, bag.cell_types, strict=True)}
+    assert got == want   # the truth file still matches, but the detector's classes name the types
+    (folder / "field_1.csv").unlink()
+    line = _one_line_error(["embed", "--cohort", str(root), "--out", str(tmp_path / "b2"), "--detector", "external",
+                            *EMBED], capsys)
+    assert line.endswith("slide F: no external detections for field_1.jpg: expected field_1.geojson or field_1.csv "
+                         f"beside it in {folder} (--detector external)")
+
+
 KIND_ERRORS = {
     "unknown kind": ("S1,P1,f,field,0.25", "slides.csv row 2: kind 'field' of slide 'S1' is not one of scan, crops, "
                      "fields (did you mean 'fields'?)"),
@@ -376,6 +404,15 @@ def test_kind_errors_are_one_line(case: str, tmp_path: Path, capsys: pytest.Capt
         load_cohort(root, CLASSES, ())
     line = _one_line_error(["embed", "--cohort", str(root), "--out", str(tmp_path / "bags"), *EMBED], capsys)
     assert line == f"milhema: error: {message}"
+
+
+def test_unreadable_field_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _cohort(tmp_path / "c", ["S1,P1,f,fields,0.25"], header="slide_id,patient_id,source,kind,mpp")
+    (root / "f").mkdir()
+    Image.fromarray(np.full((300, 300, 3), 240, np.uint8)).save(root / "f" / "a.png")
+    (root / "f" / "b.png").write_bytes(b"\x89PNG not really")
+    line = _one_line_error(["embed", "--cohort", str(root), "--out", str(tmp_path / "bags"), *EMBED], capsys)
+    assert line.startswith("milhema: error: slide S1: field b.png is not a readable image (")
 
 
 def test_kind_column_may_be_partly_empty(tmp_path: Path) -> None:

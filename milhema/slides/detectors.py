@@ -139,3 +139,6 @@ def _stain_settings(options: DetectOptions) -> dict[str, Any]:
 register_detector("stain", version=DETECTOR_VERSION, settings=_stain_settings)(detect_cells)
 register_detector("external", version=EXTERNAL_VERSION,
                   inputs=lambda slide_id, image: [detections_path(slide_id, image)])(detect_external)
+
+# Detectors in modules of their own register themselves when imported: import them here, after the
+# built-ins (as milhema/models/__init__.py imports the models), so that --detector finds them.
