@@ -9,13 +9,15 @@ alone (DinoBloom's published embeddings); their slide id is the file stem, a cel
 
 from __future__ import annotations
 
+import json
 import math
 import mmap
 import os
 import struct
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,9 +28,12 @@ from milhema.errors import BagError, first_line
 from milhema.version import __version__
 
 FORMAT = "milhema-bag"
+# Raised only when a reader of the previous version would misread a file; an optional dataset or
+# attribute that older readers skip (``field`` + ``fields``) keeps the version, so old milhema reads new bags.
 FORMAT_VERSION = 1
 REQUIRED_DATASETS = ("features", "coords", "cell_ids")
-OPTIONAL_DATASETS = ("bboxes", "thumbnails", "cell_types", "diagnostic")
+OPTIONAL_DATASETS = ("bboxes", "thumbnails", "cell_types", "diagnostic", "field")
+FIELDS_ATTR = "fields"   # JSON list of the field image names that ``field`` indexes
 REQUIRED_ATTRS = ("format", "format_version", "slide_id", "patient_id", "backbone", "weights_sha256",
                   "feature_dim", "mpp", "crop_px", "created_with")
 _STR = h5py.string_dtype("utf-8")
@@ -49,6 +54,9 @@ class Bag:
         thumbnails: uint8 ``[N, S, S, 3]``, or None.
         cell_types: ``[N]`` str, or None.
         diagnostic: bool ``[N]``, or None.
+        field: int32 ``[N]`` index into ``field_names`` of the photographed field each cell was found
+            in (its ``coords`` and ``bboxes`` are pixels of that field), or None for scans and crops.
+        field_names: the field image file names (the ``fields`` attribute), ``()`` without ``field``.
         attrs: root attributes (for CLAM/TRIDENT files, whatever the file had).
         foreign: True for a CLAM/TRIDENT file without milhema attributes.
     """
@@ -62,7 +70,9 @@ class Bag:
     thumbnails: np.ndarray | None = None
     cell_types: np.ndarray | None = None
     diagnostic: np.ndarray | None = None
-    attrs: dict[str, Any] = field(default_factory=dict)
+    field: np.ndarray | None = None
+    field_names: tuple[str, ...] = ()
+    attrs: dict[str, Any] = dataclass_field(default_factory=dict)
     foreign: bool = False
 
     @property
@@ -90,6 +100,8 @@ def write_bag(
     thumbnails: np.ndarray | None = None,
     cell_types: Sequence[str] | np.ndarray | None = None,
     diagnostic: np.ndarray | None = None,
+    field: np.ndarray | None = None,
+    fields: Sequence[str] | None = None,
     backbone: str = "unknown",
     weights_sha256: str = "none",
     mpp: float = math.nan,
@@ -102,6 +114,8 @@ def write_bag(
         features: ``[N, D]`` float array (float64 is stored as float32). N = 0 is allowed.
         coords: ``[N, 2]`` centres in level-0 pixels; default NaN (crops without a slide).
         cell_ids: ``[N]`` unique ids; default ``"0"`` ... ``"N-1"``.
+        field, fields: for a folder of photographed fields, ``[N]`` index into ``fields`` (the field
+            image names) of the field each cell is in; ``coords`` are then pixels of that field.
         extra_attrs: additional root attributes (e.g. which feature blocks were concatenated).
 
     Raises:
@@ -134,6 +148,15 @@ def write_bag(
         datasets["cell_types"] = _strings(cell_types, n, slide_id, "cell_types")
     if diagnostic is not None:
         datasets["diagnostic"] = _shaped(diagnostic, (n,), np.bool_, slide_id, "diagnostic")
+    field_attr = {}
+    if (field is None) != (fields is None):
+        raise BagError(f"slide {slide_id}: field and fields are given together or not at all")
+    if field is not None and fields is not None:
+        datasets["field"] = _shaped(field, (n,), np.int32, slide_id, "field")
+        names = [str(name) for name in fields]
+        if n and not (0 <= int(datasets["field"].min()) and int(datasets["field"].max()) < len(names)):
+            raise BagError(f"slide {slide_id}: field indices must be 0 to {len(names) - 1}")
+        field_attr = {FIELDS_ATTR: json.dumps(names)}
     attrs = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -145,6 +168,7 @@ def write_bag(
         "mpp": float(mpp),
         "crop_px": int(crop_px),
         "created_with": f"milhema {__version__}",
+        **field_attr,
         **(extra_attrs or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +262,11 @@ def _read(f: h5py.File, path: Path, foreign: bool, thumbnails: bool) -> Bag:
     else:  # per-patient embeddings published without positions: a cell is its row
         coords = np.full((len(features), 2), np.nan, np.float32)
         positions = [str(i) for i in range(len(features))]
+    field: np.ndarray | None = None
+    field_names: tuple[str, ...] = ()
+    if "field" in f and not foreign:
+        field, field_names = _fields(f["field"][()], attrs.get(FIELDS_ATTR), f"slide {_slide_name(f, path)}: bag "
+                                     f"file {path.name}")
     return Bag(
         slide_id=str(attrs.get("slide_id", path.stem)),
         patient_id=None if foreign else str(attrs["patient_id"]),
@@ -248,9 +277,26 @@ def _read(f: h5py.File, path: Path, foreign: bool, thumbnails: bool) -> Bag:
         thumbnails=f["thumbnails"][()] if thumbnails and "thumbnails" in f else None,
         cell_types=_text(f, "cell_types", path) if "cell_types" in f else None,
         diagnostic=f["diagnostic"][()].astype(bool) if "diagnostic" in f else None,
+        field=field,
+        field_names=field_names,
         attrs=attrs,
         foreign=foreign,
     )
+
+
+def _fields(index: np.ndarray, names: Any, where: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The ``field`` dataset checked against the ``fields`` attribute (a JSON list of names)."""
+    try:
+        listed = json.loads(names) if isinstance(names, str) else None
+    except ValueError:
+        listed = None
+    if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
+        raise BagError(f"{where} has a 'field' dataset but no '{FIELDS_ATTR}' attribute listing the field images "
+                       "as JSON text")
+    index = index.astype(np.int64)
+    if len(index) and (index.min() < 0 or index.max() >= len(listed)):
+        raise BagError(f"{where}: 'field' values must be 0 to {len(listed) - 1} (the {len(listed)} fields)")
+    return index.astype(np.int32), tuple(listed)
 
 
 def _text(f: h5py.File, name: str, path: Path) -> np.ndarray:
@@ -426,7 +472,7 @@ def _check_datasets(f: h5py.File, where: str, foreign: bool) -> None:
 # Per optional dataset: the dtype kinds allowed and the shape after N (None = any S, S).
 _LAYOUT: dict[str, tuple[str, tuple[int | None, ...]]] = {
     "cell_ids": ("OSU", ()), "cell_types": ("OSU", ()), "diagnostic": ("biu", ()),
-    "bboxes": ("iuf", (4,)), "thumbnails": ("u", (None, None, 3)),
+    "bboxes": ("iuf", (4,)), "thumbnails": ("u", (None, None, 3)), "field": ("iu", ()),
 }
 
 
@@ -440,7 +486,7 @@ def _check_optional(ds: h5py.Dataset, name: str, n: int, where: str) -> None:
     kind_ok = is_text if kinds == "OSU" else (ds.dtype.kind in kinds and not is_text)
     if not shape_ok or not kind_ok:
         layout = ", ".join(["N", *("S" if r is None else str(r) for r in rest)])
-        what = "text" if kinds == "OSU" else {"biu": "0/1", "iuf": "numbers", "u": "uint8"}[kinds]
+        what = "text" if kinds == "OSU" else {"biu": "0/1", "iuf": "numbers", "u": "uint8", "iu": "integers"}[kinds]
         raise BagError(f"{where}: '{name}' must be [{layout}] {what}, got {list(ds.shape)} {ds.dtype}")
 
 

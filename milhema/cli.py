@@ -74,6 +74,7 @@ def _embed(args: argparse.Namespace) -> int:
         input_size=args.input_size, device=args.device, batch_size=args.batch_size, workers=args.workers,
         shard=parse_shard(args.shard), overwrite=args.overwrite, fail_on_bad_image=args.fail_on_bad_image,
         progress=not args.quiet, crop_um=args.crop_um,
+        **({"detector": args.detector} if args.detector else {}),
     )
     report = embed_cohort(cohort, args.out, options)
     print(report.summary())
@@ -278,7 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo bags that are already finished")
     p.add_argument("--fail-on-bad-image", action="store_true", help="stop at an unreadable crop instead of skipping it")
     p.add_argument("--crop-um", type=float, default=24.0,
-                   help="side of the square cut around each detected cell of a scan, in µm (default 24)")
+                   help="side of the square cut around each detected cell of a scan or field, in µm (default 24)")
+    # An embed option, not a config key: how cells are found is part of how bags are made (like
+    # --backbone), recorded in each bag's embed_signature; the config is the training's.
+    p.add_argument("--detector", default=None, metavar="NAME",
+                   help="how the cells of scans and fields are found: stain (default: by their nuclear stain), "
+                        "external (the cells listed in <image stem>.geojson or .csv beside each scan or field, "
+                        "e.g. a QuPath export), or any detector registered with "
+                        "milhema.slides.detectors.register_detector")
     p.set_defaults(func=_embed, on_interrupt="run the same command again: finished bags are kept")
 
     for name, text in (("train", "train one model, early stopping on an inner validation split"),

@@ -45,6 +45,31 @@ def test_round_trip_keeps_every_dataset_and_attribute(tmp_path: Path) -> None:
         assert h5py.check_string_dtype(f["cell_ids"].dtype).encoding == "utf-8"
 
 
+def test_fields_round_trip_and_bad_field_data(tmp_path: Path) -> None:
+    path = _bag(tmp_path / "S1.h5", n=4, coords=np.full((4, 2), 10.0), cell_ids=["a:1_1", "a:2_2", "b:1_1", "c:1_1"],
+                field=[0, 0, 1, 2], fields=["a.png", "b.jpg", "c.tif"])
+    bag = read_bag(path)
+    assert bag.field is not None and bag.field.tolist() == [0, 0, 1, 2] and bag.field_names == ("a.png", "b.jpg", "c.tif")
+    assert read_bag(_bag(tmp_path / "S0.h5")).field is None   # scans and crops: no field, as before
+    with pytest.raises(BagError, match="field and fields are given together"):
+        _bag(tmp_path / "x.h5", n=4, field=[0, 0, 0, 0])
+    with pytest.raises(BagError, match="field indices must be 0 to 0"):
+        _bag(tmp_path / "x.h5", n=4, field=[0, 1, 0, 0], fields=["a.png"])
+    with h5py.File(path, "a") as f:
+        f["field"][3] = 7
+    with pytest.raises(BagError, match=r"slide S1: bag file S1.h5: 'field' values must be 0 to 2 \(the 3 fields\)"):
+        validate_bag(path)
+    with h5py.File(path, "a") as f:
+        del f.attrs["fields"]
+    with pytest.raises(BagError, match="has a 'field' dataset but no 'fields' attribute"):
+        read_bag(path)
+    with h5py.File(path, "a") as f:
+        del f["field"]
+        f["field"] = np.array(["x"] * 4, dtype=h5py.string_dtype())
+    with pytest.raises(BagError, match=r"'field' must be \[N\] integers"):
+        read_bag_attrs(path)
+
+
 def test_defaults_for_crops_without_a_slide(tmp_path: Path) -> None:
     bag = read_bag(_bag(tmp_path / "S1.h5", n=3))
     assert np.isnan(bag.coords).all() and bag.coords.shape == (3, 2)

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from milhema.bags import (
+    FIELDS_ATTR,
     OPTIONAL_DATASETS,
     REQUIRED_ATTRS,
     REQUIRED_DATASETS,
@@ -137,7 +138,8 @@ def _valid_bag() -> bytes:
                          slide_id="S1", patient_id="P1", coords=rng.uniform(0, 100, (n, 2)),
                          cell_ids=[f"c{i}.png" for i in range(n)], bboxes=np.zeros((n, 4)),
                          thumbnails=rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8), cell_types=["blast"] * n,
-                         diagnostic=np.zeros(n, bool), backbone="timm/resnet18", mpp=0.25, crop_px=64)
+                         diagnostic=np.zeros(n, bool), field=np.arange(n) % 2, fields=["f0.png", "f1.jpg"],
+                         backbone="timm/resnet18", mpp=0.25, crop_px=64)
         assert read_bag(path).n_cells == n
         return path.read_bytes()
 
@@ -193,7 +195,8 @@ attr_values = st.one_of(h5_text, st.integers(-2**40, 2**40), st.floats(allow_nan
 
 @FAST
 @given(datasets=st.dictionaries(st.sampled_from([*REQUIRED_DATASETS, *OPTIONAL_DATASETS, "extra"]), array_values),
-       attrs=st.dictionaries(st.sampled_from([*REQUIRED_ATTRS, "extra"]), attr_values))
+       attrs=st.dictionaries(st.sampled_from([*REQUIRED_ATTRS, FIELDS_ATTR, "extra"]),
+                             attr_values | st.sampled_from(['["a.png"]', '["a", 1]', "[]", "{"])))
 def test_random_hdf5_files(datasets: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
     with _folder() as root:
         path = root / "S1.h5"

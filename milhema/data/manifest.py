@@ -25,6 +25,9 @@ PATIENTS_FILE = "patients.csv"
 SLIDES_FILE = "slides.csv"
 # A slide whose source has one of these suffixes is already embedded: the file is its bag.
 BAG_SUFFIXES = (".h5", ".hdf5")
+# What a slide's source is (the optional `kind` column): one scanned file, a folder of single-cell
+# crops, or a folder of photographed fields of view. Without the column a folder is crops and a file a scan.
+SOURCE_KINDS = ("scan", "crops", "fields")
 
 # Slide ids become file names (bags/<slide_id>.h5): no separators, no leading dot, no "..".
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
@@ -50,7 +53,10 @@ class Patient:
 
 @dataclass(frozen=True)
 class Slide:
-    """One row of slides.csv; ``source`` is absolute (resolved against the CSV's folder)."""
+    """One row of slides.csv; ``source`` is absolute (resolved against the CSV's folder).
+
+    ``kind`` is the ``kind`` column (one of :data:`SOURCE_KINDS`), None where it is not given.
+    """
 
     slide_id: str
     patient_id: str
@@ -58,10 +64,16 @@ class Slide:
     view: str | None = None
     mpp: float | None = None
     row: int = 0
+    kind: str | None = None
+
+    @property
+    def source_kind(self) -> str:
+        """``scan``, ``crops`` or ``fields``: the ``kind`` column, else ``crops`` for a folder and ``scan`` for a file."""
+        return self.kind or ("crops" if self.source.is_dir() else "scan")
 
     @property
     def is_crop_folder(self) -> bool:
-        return self.source.is_dir()
+        return self.source_kind == "crops"
 
     @property
     def is_bag_file(self) -> bool:
@@ -345,12 +357,33 @@ def _read_slides(path: Path, patients: dict[str, Patient], check_sources: bool) 
         mpp = _optional_number(row, "mpp", decimal_comma, where)
         if mpp is not None and not 0.01 <= mpp <= 50:
             raise ManifestError(f"{where}: mpp {_shown(row['mpp'])} is not a plausible microns-per-pixel value")
+        kind = _kind(row.get("kind", ""), source, mpp, where, sid)
         slides.append(Slide(slide_id=sid, patient_id=pid, source=source, view=row.get("view") or None,
-                            mpp=mpp, row=row_number))
+                            mpp=mpp, row=row_number, kind=kind))
         first_row[sid] = row_number
     if not slides:
         raise ManifestError(f"{name}: no slide rows below the header")
     return slides
+
+
+def _kind(raw: str, source: Path, mpp: float | None, where: str, slide_id: str) -> str | None:
+    """The ``kind`` cell checked against the source: None when empty (inferred from the source)."""
+    if not raw:
+        return None
+    if raw not in SOURCE_KINDS:
+        raise ManifestError(f"{where}: kind {_shown(raw)} of slide {slide_id!r} is not one of "
+                            f"{', '.join(SOURCE_KINDS)}{did_you_mean(raw, SOURCE_KINDS)}")
+    if raw == "fields" and mpp is None:
+        raise ManifestError(f"{where}: slide {slide_id!r} is a folder of fields and needs its microns per pixel "
+                            "in the mpp column (a photograph does not carry them)")
+    # A source that does not exist yet (check_sources=False) is judged when it is read.
+    if source.is_file() and raw != "scan":
+        raise ManifestError(f"{where}: slide {slide_id!r} has kind {raw!r} but its source is a file; "
+                            f"{raw} are a folder (a single scanned file is kind 'scan')")
+    if source.is_dir() and raw == "scan":
+        raise ManifestError(f"{where}: slide {slide_id!r} has kind 'scan' but its source is a folder; a scan is "
+                            "one file (a folder of photographed fields is kind 'fields', of single-cell crops 'crops')")
+    return raw
 
 
 def _source_path(folder: Path, raw: str, must_exist: bool, where: str, slide_id: str) -> Path:

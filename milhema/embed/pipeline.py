@@ -1,7 +1,8 @@
 """Embed every cell of a cohort once into one bag file per slide.
 
-Scanned smears are first searched for white cells (:mod:`milhema.slides.detect`, cached under
-``<out>/detections/``); crop folders are listed. Then one DataLoader streams the cells of all
+Scanned smears and folders of photographed fields are first searched for white cells by the
+chosen detector (:mod:`milhema.slides.detectors`, cached under ``<out>/detections/``); crop
+folders are listed. Then one DataLoader streams the cells of all
 pending slides in order: workers decode crop files or cut ``crop_um`` squares out of the scans,
 resize them (and compute morphology features), the main process normalises and runs the frozen
 backbone in batches, and a background thread writes each bag as soon as its last cell is
@@ -33,7 +34,8 @@ from milhema.embed.morphology import MORPHOLOGY_FEATURES, MORPHOLOGY_VERSION, mo
 from milhema.errors import BagError, EmbedError, MilhemaError
 from milhema.slides.crops import IMAGE_SUFFIXES, CropFolder, check_crop_folder
 from milhema.slides.detect import DetectOptions
-from milhema.slides.source import CellSource, open_source
+from milhema.slides.detectors import DEFAULT_DETECTOR, get_detector
+from milhema.slides.source import CellSource, detection_signature, open_source
 
 log = logging.getLogger(__name__)
 THUMBNAIL_PX = 64
@@ -58,8 +60,8 @@ class EmbedOptions:
     fail_on_bad_image: bool = False
     amp: bool = True
     progress: bool = True
-    crop_um: float = 24.0            # side of a cell crop cut from a scan, in µm
-    detector: str = "stain"
+    crop_um: float = 24.0            # side of a cell crop cut from a scan or field, in µm
+    detector: str = DEFAULT_DETECTOR  # a name of milhema.slides.detectors.list_detectors()
 
 
 @dataclass
@@ -69,7 +71,7 @@ class EmbedReport:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     empty: list[str] = field(default_factory=list)
-    detections: list[str] = field(default_factory=list)   # one QC line per scanned slide
+    detections: list[str] = field(default_factory=list)   # one QC line per scanned slide or fields folder
     bad_images: int = 0
     first_bad_image: str = ""
     cells: int = 0
@@ -137,6 +139,7 @@ def embed_cohort(cohort: Cohort, out: str | Path, options: EmbedOptions | None =
         raise EmbedError(f"slide {embedded[0]}{f' and {len(embedded) - 1} more' if len(embedded) > 1 else ''}: "
                          "the source is a feature file, already embedded; train on the cohort as it is "
                          "(no milhema embed, no --bags)")
+    get_detector(opts.detector)   # a misspelt --detector fails before the backbone loads
     out.mkdir(parents=True, exist_ok=True)
     index, count = opts.shard
     slides = cohort.slides[index::count]
@@ -145,7 +148,7 @@ def embed_cohort(cohort: Cohort, out: str | Path, options: EmbedOptions | None =
     pending = []
     for slide in slides:
         _remove_stale_temporaries(out, slide.slide_id)
-        signature = _signature(opts, backbone, scan=not slide.source.is_dir())
+        signature = _signature(opts, backbone, slide)
         if not opts.overwrite and _finished(out / f"{slide.slide_id}.h5", signature):
             report.skipped.append(slide.slide_id)
         else:
@@ -198,7 +201,8 @@ def _check_crops(crops: CropFolder, strict: bool, report: EmbedReport) -> None:
 def _nothing_found(sources: list[CellSource]) -> str:
     """What the sources of a cohort without a single cell hold instead, for the one-line error."""
     folders = [s.crops for s in sources if s.crops is not None]
-    scans = len(sources) - len(folders)
+    photographed = sum(s.field is not None for s in sources)
+    scans = len(sources) - len(folders) - photographed
     found, fixes = [], []
     if folders:
         others = [name for crops in folders for name in crops.not_images]
@@ -213,9 +217,12 @@ def _nothing_found(sources: list[CellSource]) -> str:
         found.append(f"the {'crop folder holds' if len(folders) == 1 else f'{len(folders)} crop folders hold'} "
                      f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) and {what}")
         fixes.append("put each slide's images in its folder or in one subfolder per cell type")
-    if scans:
-        found.append(f"no white cell was detected in {'the scan' if scans == 1 else f'the {scans} scans'}")
-        fixes.append("check that the scans are stained smears and that their microns per pixel are right "
+    imaged = ["the scan" if scans == 1 else f"the {scans} scans"] if scans else []
+    imaged += [f"the fields of {photographed} slide{'s' if photographed > 1 else ''}"] if photographed else []
+    if imaged:
+        what = "scans" if not photographed else "fields" if not scans else "scans and fields"
+        found.append(f"no white cell was detected in {' or '.join(imaged)}")
+        fixes.append(f"check that the {what} are stained smears and that their microns per pixel are right "
                      "(the mpp column of slides.csv)")
     return f"{_no_cell_in(sources)}: {'; '.join(found)}; {', and '.join(fixes)}; check the sources in slides.csv"
 
@@ -228,17 +235,18 @@ def _load(opts: EmbedOptions) -> Backbone | None:
     return load_backbone(opts.backbone, opts.weights, pretrained=opts.pretrained, input_size=opts.input_size)
 
 
-def _signature(opts: EmbedOptions, backbone: Backbone | None, scan: bool) -> str:
-    """What a bag's features depend on; a scan's also on the crop size and the detector."""
+def _signature(opts: EmbedOptions, backbone: Backbone | None, slide: Slide) -> str:
+    """What a bag's features depend on; a scan's or fields folder's also on the crop size and the
+    detector's signature (name, version, settings, input files: a change there is a new embedding)."""
     made = {
         "backbone": backbone.name if backbone else NO_BACKBONE,
         "weights_sha256": backbone.weights_sha256 if backbone else "none",
         "input_size": backbone.input_size if backbone else 0,
         "morphology": MORPHOLOGY_VERSION if opts.morphology else False,
     }
-    if scan:
+    if slide.source_kind != "crops":
         made |= {"crop_um": opts.crop_um, "detector": opts.detector,
-                 "detect": DetectOptions().signature() if opts.detector == "stain" else ""}
+                 "detect": detection_signature(slide, opts.detector, DetectOptions())}
     return json.dumps(made, sort_keys=True)
 
 
@@ -330,9 +338,8 @@ def _run(out: Path, slides: list[Slide], sources: list[CellSource], backbone: Ba
     device = resolve_device(opts.device)
     items = [(i, cell) for i, src in enumerate(sources) for cell in range(len(src))]
     for src in sources:
-        if src.slide is not None:
-            # Forked loader workers would share the open file's offset; each opens its own instead.
-            src.slide.close()
+        # Forked loader workers would share an open file's offset; each opens its own instead.
+        src.close()
     input_size = backbone.input_size if backbone else 0
     dataset = _CellImages(items, sources, input_size, backbone.interpolation if backbone else "bilinear",
                           opts.morphology)
@@ -411,7 +418,7 @@ def _write(out: Path, buf: _SlideBuffer, backbone: Backbone | None, opts: EmbedO
     thumbs = np.concatenate(buf.thumbs)[ok] if buf.thumbs else np.zeros((0, THUMBNAIL_PX, THUMBNAIL_PX, 3), np.uint8)
     keep = np.flatnonzero(ok)
     cell_ids = [src.cell_ids[i] for i in keep]
-    signature = _signature(opts, backbone, scan=src.slide is not None)
+    signature = _signature(opts, backbone, slide)
     blocks = ([f"{backbone.name}:{backbone.feature_dim}"] if backbone else []) + (
         [f"morphology:{len(MORPHOLOGY_FEATURES)}"] if opts.morphology else [])
     write_bag(
@@ -420,6 +427,7 @@ def _write(out: Path, buf: _SlideBuffer, backbone: Backbone | None, opts: EmbedO
         bboxes=None if src.bboxes is None else src.bboxes[keep],
         cell_types=None if src.cell_types is None else [src.cell_types[i] for i in keep],
         diagnostic=None if src.diagnostic is None else src.diagnostic[keep],
+        field=None if src.field is None else src.field[keep], fields=src.field_names if src.field is not None else None,
         backbone=backbone.name if backbone else NO_BACKBONE,
         weights_sha256=backbone.weights_sha256 if backbone else "none",
         mpp=src.mpp if src.mpp is not None else math.nan, crop_px=src.crop_px or buf.crop_px,

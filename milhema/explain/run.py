@@ -4,8 +4,9 @@ Output folder (written atomically)::
 
     <out>/summary.json            method, run, per-patient prediction, faithfulness (if bags carry truth)
     <out>/overview.png            PCA of all explained cells (score percentile, cell type)
-    <out>/<patient_id>/cell_scores.csv, gallery.png, gallery_<class>.png, heatmap_<slide>.png or
-                      mosaic.png, <slide_id>.geojson (scanned slides only), report.html
+    <out>/<patient_id>/cell_scores.csv, gallery.png, gallery_<class>.png, heatmap_<slide>.png (scans),
+                      heatmap_<slide>_field<k>.png (one per photographed field, k = the bag's field index)
+                      or mosaic.png (crops), <slide_id>.geojson / <slide_id>_field<k>.geojson, report.html
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from milhema.explain.geojson import slide_geojson
 from milhema.explain.report import ReportContent, render_report
 from milhema.explain.scores import PatientScores, explain_scores
 from milhema.io import atomic_folder, check_new_folder, write_csv, write_text
+from milhema.slides.fields import FieldImage, list_fields
 from milhema.slides.wsi import WholeSlide
 from milhema.train.metrics import diagnostic_auroc
 from milhema.train.outputs import rank_percentiles
@@ -41,6 +43,8 @@ def cell_rows(cells: PatientCells, s: PatientScores, pct: np.ndarray,
     k = 0 if class_scores is None else class_scores.shape[1]
     header = ["slide_id", "cell_id", "x", "y", "score", "rank_pct"]
     header += ["cell_type"] if cells.cell_types is not None else []
+    in_fields = bool(cells.field_names)
+    header += ["field"] if in_fields else []
     header += [f"score_{c}" for c in classes] if k else []
     rows = []
     for i in range(cells.n_cells):
@@ -48,6 +52,9 @@ def cell_rows(cells: PatientCells, s: PatientScores, pct: np.ndarray,
                              _num(cells.coords[i, 1]), f"{s.scores[i]:.6g}", f"{pct[i]:.2f}"]
         if cells.cell_types is not None:
             row.append(cells.cell_types[i])
+        if in_fields:
+            k = int(cells.field[i])
+            row.append(cells.field_names[cells.slide_ids[i]][k] if k >= 0 else "")
         if class_scores is not None:
             row += [f"{v:.6g}" for v in class_scores[i]]
         rows.append(row)
@@ -171,6 +178,10 @@ def _figures(cohort: Cohort, pid: str, cells: PatientCells, s: PatientScores, pc
             crop_cells |= sel
             continue
         slide = slides[slide_id]
+        if slide_id in cells.field_names:
+            _field_figures(pid, slide_id, slide.source, slide.mpp, cells, s, pct, classes, top_k, folder, method,
+                           heatmaps, notes)
+            continue
         wsi = WholeSlide(slide_id, slide.source, slide.mpp)
         try:
             rgb, downsample = wsi.thumbnail(1024)
@@ -193,3 +204,33 @@ def _figures(cohort: Cohort, pid: str, cells: PatientCells, s: PatientScores, pc
         heatmaps.append(("crop folder(s): cells ordered by score, framed by score percentile", png))
         notes.append("crop-folder slides have no positions: a mosaic replaces the heatmap and no GeoJSON is written")
     return heatmaps, galleries, notes
+
+
+def _field_figures(pid: str, slide_id: str, source: Path, mpp: float | None, cells: PatientCells, s: PatientScores,
+                   pct: np.ndarray, classes: Sequence[str], top_k: int, folder: Path, method: str,
+                   heatmaps: list[tuple[str, bytes]], notes: list[str]) -> None:
+    """One heatmap and one GeoJSON per photographed field of a slide, in the field's pixels."""
+    # Field names are text from the bag: only names found in the folder's listing become paths.
+    on_disk = {path.name: path for path in list_fields(slide_id, source).paths} if source.is_dir() else {}
+    in_slide = cells.slide_ids == slide_id
+    for k, name in enumerate(cells.field_names[slide_id]):
+        sel = in_slide & (cells.field == k)
+        if name not in on_disk:
+            notes.append(f"slide {slide_id}: field {name} is no longer in {source}; no heatmap drawn for it")
+            continue
+        image = FieldImage(slide_id, on_disk[name], mpp)
+        try:
+            rgb, downsample = image.thumbnail(1024)
+            width, height = image.dimensions
+        finally:
+            image.close()
+        png = figures.slide_heatmap(rgb, downsample, cells.coords[sel], pct[sel],
+                                    f"{pid} / {slide_id} / {name}: {method} score percentile",
+                                    top=min(top_k, int(sel.sum())))
+        (folder / f"heatmap_{slide_id}_field{k}.png").write_bytes(png)
+        heatmaps.append((f"slide {slide_id}, field {name} ({width} × {height} px, {int(sel.sum())} cells): "
+                         "cells coloured by score percentile", png))
+        doc = slide_geojson(cells.cell_ids[sel], cells.coords[sel], cells.bboxes[sel],
+                            None if cells.cell_types is None else cells.cell_types[sel], s.scores[sel], pct[sel],
+                            None if s.class_scores is None else s.class_scores[sel], classes)
+        write_text(folder / f"{slide_id}_field{k}.geojson", json.dumps(doc) + "\n")

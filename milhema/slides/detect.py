@@ -13,17 +13,15 @@
 3. A cell belongs to the tile whose core holds its centre, so cells on tile borders are found once.
 
 Any function ``(WholeSlide, DetectOptions) -> Detections`` can stand in for :func:`detect_cells`
-(a learned detector, say): register it in :data:`DETECTORS`.
+(a learned detector, say): register it with :func:`milhema.slides.detectors.register_detector`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -58,23 +56,21 @@ class DetectOptions:
     workers: int = 1
     progress: bool = True
 
-    def signature(self) -> str:
-        keep = {k: v for k, v in asdict(self).items() if k not in ("workers", "progress")}
-        return json.dumps({"detector": "stain", "version": DETECTOR_VERSION, **keep}, sort_keys=True)
-
 
 @dataclass
 class Detections:
     """Detected cells of one slide, in level-0 pixels.
 
     ``centres`` float32 [N, 2] (x, y); ``bboxes`` int32 [N, 4] (x0, y0, x1, y1, exclusive ends);
-    ``scores`` float32 [N] in [0, 1] (nuclear stain strength); ``qc`` numbers for the report.
+    ``scores`` float32 [N] in [0, 1] (nuclear stain strength); ``qc`` numbers for the report;
+    ``cell_types`` [N] from a detector that also classifies (external detections), else None.
     """
 
     centres: np.ndarray
     bboxes: np.ndarray
     scores: np.ndarray
     qc: dict[str, float] = field(default_factory=dict)
+    cell_types: list[str] | None = None
 
     def __len__(self) -> int:
         return int(self.centres.shape[0])
@@ -86,7 +82,8 @@ class Detections:
     def order(self) -> Detections:
         """Sorted top-to-bottom then left-to-right (stable cell order; nearby cells read together)."""
         idx = np.lexsort((self.centres[:, 0], self.centres[:, 1]))
-        return Detections(self.centres[idx], self.bboxes[idx], self.scores[idx], self.qc)
+        types = None if self.cell_types is None else [self.cell_types[i] for i in idx]
+        return Detections(self.centres[idx], self.bboxes[idx], self.scores[idx], self.qc, types)
 
     def qc_line(self, slide_id: str) -> str:
         q = self.qc
@@ -285,9 +282,6 @@ def detect_cells(slide: WholeSlide, options: DetectOptions | None = None) -> Det
     boxes = np.concatenate([p[1] for p in parts]).astype(np.int32)
     scores = np.concatenate([p[2] for p in parts]).astype(np.float32)
     return Detections(centres, boxes, scores, qc).order()
-
-
-DETECTORS: dict[str, Callable[[WholeSlide, DetectOptions], Detections]] = {"stain": detect_cells}
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
-"""The cells of one slide, ready to be cropped: from a folder of crops or from a scanned smear.
+"""The cells of one slide, ready to be cropped: from a folder of crops, a scanned smear or photographed fields.
 
-:func:`open_source` turns a manifest row into a :class:`CellSource`. For a whole-slide image it
-runs (or reloads) white-cell detection, so embedding sees one list of cells either way: ids,
-positions and boxes in level-0 pixels (NaN for crop folders), known cell types, and a picklable
-``read(i)`` that DataLoader workers call to get cell i as an RGB array.
+:func:`open_source` turns a manifest row into a :class:`CellSource`. For a whole-slide image, and
+for each image of a folder of photographed fields, it runs (or reloads) the chosen detector
+(:mod:`milhema.slides.detectors`), so embedding sees one list of cells whatever the source: ids,
+positions and boxes (level-0 pixels of the scan, pixels of the cell's field, NaN for crop folders),
+known cell types, and a picklable ``read(i)`` that DataLoader workers call to get cell i as an RGB array.
 
 Detections are cached beside the bags (``<bags>/detections/<slide_id>.csv`` + ``.json``) and
-reused when the detector settings match, so a resumed embedding does not detect again.
+reused when the detector's signature (name, version, settings, input files) and the source match,
+so a resumed embedding does not detect again and a changed detector does.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +25,25 @@ import numpy as np
 from milhema.data.manifest import Slide
 from milhema.errors import MilhemaError
 from milhema.io import write_csv, write_text
-from milhema.slides.crops import CropFolder, list_crops, read_crop
-from milhema.slides.detect import DETECTORS, Detections, DetectOptions, match_points
+from milhema.slides.crops import IMAGE_SUFFIXES, CropFolder, list_crops, read_crop
+from milhema.slides.detect import Detections, DetectOptions, match_points
+from milhema.slides.detectors import DEFAULT_DETECTOR, Detector, get_detector
+from milhema.slides.fields import FieldImage, list_fields
 from milhema.slides.wsi import WholeSlide, is_wsi, read_scan_truth, truth_path
 
 log = logging.getLogger(__name__)
 MATCH_UM = 5.0   # a detection within 5 µm of an annotated cell centre is that cell
 UNMATCHED = "unmatched"
+_DETECTION_COLUMNS = ["x", "y", "x0", "y0", "x1", "y1", "score"]
 
 
 @dataclass
 class CellSource:
     """Cells of one slide. Arrays have one row per cell, in reading order.
 
-    ``coords`` float32 [N, 2] and ``bboxes`` int32 [N, 4] are level-0 pixels (``coords`` NaN and
-    ``bboxes`` None for crop folders); ``mpp`` is µm per pixel of the images ``read`` returns.
+    ``coords`` float32 [N, 2] and ``bboxes`` int32 [N, 4] are level-0 pixels of a scan, or pixels of
+    the field ``field[i]`` for a folder of fields (``coords`` NaN and ``bboxes`` None for crop
+    folders); ``mpp`` is µm per pixel of the images ``read`` returns.
     """
 
     slide_id: str
@@ -49,86 +56,195 @@ class CellSource:
     crop_px: int                    # side of a crop at the source's resolution (0: as stored)
     paths: tuple[Path, ...] = ()    # crop folders
     crops: CropFolder | None = None  # crop folders: what the listing found besides the cells
-    slide: WholeSlide | None = None  # scans
+    images: tuple[WholeSlide, ...] = ()   # a scan: the slide; fields: one FieldImage per field
+    field: np.ndarray | None = None       # fields: int32 [N], the index in ``images`` of each cell's field
+    field_names: tuple[str, ...] = ()     # fields: the image file names, in ``images`` order
     qc: str = ""
+    _reading: int = dataclass_field(default=-1, repr=False)
 
     def __len__(self) -> int:
         return len(self.cell_ids)
 
     def read(self, i: int) -> np.ndarray:
-        """Cell ``i`` as RGB uint8 [h, w, 3]: the crop file, or a ``crop_px`` square cut from level 0."""
-        if self.slide is None:
+        """Cell ``i`` as RGB uint8 [h, w, 3]: the crop file, or a ``crop_px`` square cut from its scan or field."""
+        if not self.images:
             return read_crop(self.paths[i], f"slide {self.slide_id}: {self.cell_ids[i]}")
+        k = 0 if self.field is None else int(self.field[i])
+        if k != self._reading and 0 <= self._reading < len(self.images):
+            # Cells come field after field: the field done with is let go instead of kept decoded.
+            self.images[self._reading].close()
+        self._reading = k
         x, y = self.coords[i]
         half = self.crop_px // 2
-        return self.slide.read_cached(int(round(x)) - half, int(round(y)) - half, self.crop_px, self.crop_px)
+        return self.images[k].read_cached(int(round(x)) - half, int(round(y)) - half, self.crop_px, self.crop_px)
+
+    def close(self) -> None:
+        """Close the scan or field files (they reopen on the next read, in whichever process reads)."""
+        for image in self.images:
+            image.close()
+        self._reading = -1
 
 
-def open_source(slide: Slide, detections_dir: Path, crop_um: float, detector: str = "stain",
-                detect_options: DetectOptions | None = None) -> CellSource:
-    """The cells of ``slide``; detects white cells first when the source is a whole-slide image.
+def detection_signature(slide: Slide, detector: str = DEFAULT_DETECTOR,
+                        options: DetectOptions | None = None) -> str:
+    """The signature of ``detector`` on ``slide``'s scan or fields (see :meth:`Detector.signature`).
 
     Raises:
-        MilhemaError: the source does not exist, is neither a crop folder nor a readable scan, or
-            has no known mpp.
+        MilhemaError: unknown detector, or an input file it needs is missing.
+    """
+    return get_detector(detector).signature(options or DetectOptions(), slide.slide_id, _image_paths(slide))
+
+
+def _image_paths(slide: Slide) -> list[Path]:
+    if slide.source_kind == "fields":
+        return list(list_fields(slide.slide_id, slide.source).paths)
+    return [slide.source]
+
+
+def open_source(slide: Slide, detections_dir: Path, crop_um: float, detector: str = DEFAULT_DETECTOR,
+                detect_options: DetectOptions | None = None) -> CellSource:
+    """The cells of ``slide``; detects white cells first on a scan and on each field of a fields folder.
+
+    Raises:
+        MilhemaError: the source does not exist or is not what its kind says, a scan or field cannot be
+            read or has no known mpp, the detector is unknown, or its input files are missing or malformed.
     """
     source = slide.source
-    if source.is_dir():
+    kind = slide.source_kind
+    if kind == "crops":
         crops = list_crops(slide.slide_id, source)
         n = len(crops.paths)
         return CellSource(slide.slide_id, crops.cell_ids, np.full((n, 2), np.nan, np.float32), None,
                           None if crops.cell_types is None else list(crops.cell_types),
                           None if crops.diagnostic is None else np.array(crops.diagnostic, dtype=bool),
                           slide.mpp, 0, paths=crops.paths, crops=crops)
-    if not source.exists():
-        raise MilhemaError(f"slide {slide.slide_id}: source {source} does not exist")
-    if not is_wsi(source):
-        raise MilhemaError(f"slide {slide.slide_id}: source {source} is neither a folder of crops nor a "
-                           "whole-slide image (.tif, .tiff, .svs, .ndpi, …)")
-    wsi = WholeSlide(slide.slide_id, source, slide.mpp)
-    if detector not in DETECTORS:
-        raise MilhemaError(f"unknown detector {detector!r}; available: {', '.join(DETECTORS)}")
-    found = _cached_or_detect(wsi, detections_dir, detector, detect_options or DetectOptions())
-    n = len(found)
-    cell_ids = [f"{round(float(x))}_{round(float(y))}" for x, y in found.centres]
-    cell_types, diagnostic = _attach_truth(wsi, found)
-    crop_px = max(8, int(round(crop_um / wsi.mpp)))
-    return CellSource(slide.slide_id, cell_ids, found.centres.astype(np.float32).reshape(n, 2),
-                      found.bboxes.astype(np.int32).reshape(n, 4), cell_types, diagnostic, wsi.mpp, crop_px,
-                      slide=wsi, qc=found.qc_line(slide.slide_id))
+    found_by = get_detector(detector)
+    options = detect_options or DetectOptions()
+    names: tuple[str, ...] = ()
+    if kind == "fields":
+        listing = list_fields(slide.slide_id, source)
+        if listing.skipped:
+            log.warning("slide %s: fields folder %s holds %d entries that are not field images (%s); skipped",
+                        slide.slide_id, source, len(listing.skipped), ", ".join(listing.skipped[:3])
+                        + (", ..." if len(listing.skipped) > 3 else ""))
+        if not listing.paths:
+            log.warning("slide %s: fields folder %s holds no images (%s)", slide.slide_id, source,
+                        ", ".join(sorted(IMAGE_SUFFIXES)))
+        # A field is a few tiles: a process pool per field would cost more than it saves.
+        options = replace(options, workers=1)
+        images: list[WholeSlide] = [FieldImage(slide.slide_id, path, slide.mpp) for path in listing.paths]
+        names = listing.names
+    else:
+        if not source.exists():
+            raise MilhemaError(f"slide {slide.slide_id}: source {source} does not exist")
+        if not is_wsi(source):
+            hint = (" (a photographed field? put the fields of a slide in a folder and give it kind 'fields' "
+                    "in slides.csv)" if source.suffix.lower() in IMAGE_SUFFIXES else "")
+            raise MilhemaError(f"slide {slide.slide_id}: source {source} is neither a folder of crops nor a "
+                               f"whole-slide image (.tif, .tiff, .svs, .ndpi, …){hint}")
+        images = [WholeSlide(slide.slide_id, source, slide.mpp)]
+    found, qc = _cached_or_detect(slide, images, names, detections_dir, found_by, options)
+    return _cells(slide, images, names, found, qc, found_by, crop_um)
 
 
-def _cached_or_detect(wsi: WholeSlide, folder: Path, detector: str, options: DetectOptions) -> Detections:
-    csv_path = folder / f"{wsi.slide_id}.csv"
-    meta_path = folder / f"{wsi.slide_id}.json"
-    signature = options.signature() if detector == "stain" else json.dumps({"detector": detector})
+def _cells(slide: Slide, images: list[WholeSlide], names: tuple[str, ...], found: list[Detections],
+           qc: dict[str, float], detector: Detector, crop_um: float) -> CellSource:
+    """One :class:`CellSource` from the detections of each image, with types from the detector or truth files."""
+    ids: list[str] = []
+    types: list[list[str] | None] = []
+    flags: list[np.ndarray | None] = []
+    for k, (image, cells) in enumerate(zip(images, found, strict=True)):
+        prefix = f"{names[k]}:" if names else ""   # positions repeat between fields, not within one
+        ids += [f"{prefix}{round(float(x))}_{round(float(y))}" for x, y in cells.centres]
+        cell_types, diagnostic = _attach_truth(image, cells)
+        # A detector that classifies (QuPath's classes, say) names the types; truth files still flag cells.
+        types.append(list(cells.cell_types) if cells.cell_types is not None else cell_types)
+        flags.append(diagnostic)
+    n = len(ids)
+    cell_types = None
+    if any(t is not None for t in types):
+        cell_types = [c for t, cells in zip(types, found, strict=True) for c in (t if t is not None else [""] * len(cells))]
+    # A bag carries the diagnostic flag for every cell or none (as crop folders do).
+    known = [f for f in flags if f is not None]
+    diagnostic = np.concatenate(known) if known and len(known) == len(flags) else None
+    mpp = images[0].mpp if images else slide.mpp
+    centres = np.concatenate([f.centres for f in found]) if found else np.zeros((0, 2))
+    boxes = np.concatenate([f.bboxes for f in found]) if found else np.zeros((0, 4))
+    field = np.concatenate([np.full(len(f), k, np.int32) for k, f in enumerate(found)]) if names else None
+    return CellSource(slide.slide_id, ids, centres.astype(np.float32).reshape(n, 2),
+                      boxes.astype(np.int32).reshape(n, 4), cell_types, diagnostic, mpp,
+                      max(8, int(round(crop_um / mpp))) if mpp else 0, images=tuple(images),
+                      field=None if field is None else field.reshape(n), field_names=names,
+                      qc=_qc_line(slide.slide_id, found, qc, names, detector))
+
+
+def _qc_line(slide_id: str, found: list[Detections], qc: dict[str, float], names: tuple[str, ...],
+             detector: Detector) -> str:
+    n = sum(len(f) for f in found)
+    if not names and "tiles" in qc:   # a detector that searched the scan tile by tile says how much it read
+        return found[0].qc_line(slide_id)
+    where = f" in {len(names)} fields" if names else ""
+    return f"slide {slide_id}: {n} cells{where} ({detector.name} detector, {qc.get('seconds', 0.0):.1f} s)"
+
+
+def _cached_or_detect(slide: Slide, images: list[WholeSlide], names: tuple[str, ...], folder: Path,
+                      detector: Detector, options: DetectOptions) -> tuple[list[Detections], dict[str, float]]:
+    """Detections of each image (reloaded when the signature and source match) and their summed QC numbers."""
+    csv_path = folder / f"{slide.slide_id}.csv"
+    meta_path = folder / f"{slide.slide_id}.json"
+    signature = detector.signature(options, slide.slide_id, [image.path for image in images])
+    source = str(slide.source.resolve())
     if csv_path.is_file() and meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            if meta.get("signature") == signature and meta.get("source") == str(wsi.path.resolve()):
-                return _read_detections(csv_path, meta.get("qc", {}))
-        except (OSError, ValueError, KeyError):
-            log.warning("slide %s: cached detections unreadable; detecting again", wsi.slide_id)
-    found = DETECTORS[detector](wsi, options)
-    rows = [(f"{x:.1f}", f"{y:.1f}", *map(int, box), f"{score:.4f}")
-            for (x, y), box, score in zip(found.centres, found.bboxes, found.scores, strict=True)]
-    write_csv(csv_path, ["x", "y", "x0", "y0", "x1", "y1", "score"], rows)
-    write_text(meta_path, json.dumps({"signature": signature, "source": str(wsi.path.resolve()),
-                                      "mpp": wsi.mpp, "qc": found.qc}, indent=2) + "\n")
-    return found
+            if (meta.get("signature") == signature and meta.get("source") == source
+                    and meta.get("fields", []) == list(names)):
+                cached = {k: float(v) for k, v in meta.get("qc", {}).items()}
+                return _read_detections(csv_path, cached, len(images)), cached
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            log.warning("slide %s: cached detections unreadable; detecting again", slide.slide_id)
+    found = [detector.detect(image, options) for image in images]
+    qc: dict[str, float] = {}
+    for cells in found:
+        for key, value in cells.qc.items():
+            qc[key] = qc.get(key, 0.0) + float(value)
+    typed = any(cells.cell_types is not None for cells in found)
+    header = _DETECTION_COLUMNS + (["field"] if names else []) + (["cell_type"] if typed else [])
+    rows = []
+    for k, cells in enumerate(found):
+        types = cells.cell_types if cells.cell_types is not None else [""] * len(cells)
+        for (x, y), box, score, cell_type in zip(cells.centres, cells.bboxes, cells.scores, types, strict=True):
+            rows.append([f"{x:.1f}", f"{y:.1f}", *map(int, box), f"{score:.4f}", *([k] if names else []),
+                         *([cell_type] if typed else [])])
+    write_csv(csv_path, header, rows)
+    meta_out: dict[str, object] = {"signature": signature, "source": source, "mpp": images[0].mpp if images else None,
+                                   "qc": qc}
+    if names:
+        meta_out["fields"] = list(names)
+    write_text(meta_path, json.dumps(meta_out, indent=2) + "\n")
+    return found, qc
 
 
-def _read_detections(path: Path, qc: dict[str, float]) -> Detections:
+def _read_detections(path: Path, qc: dict[str, float], n_images: int) -> list[Detections]:
+    """The cached detections of each image (one for a scan), split by the ``field`` column."""
     with path.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        out = Detections.empty()
-        out.qc = qc
-        return out
-    centres = np.array([(float(r["x"]), float(r["y"])) for r in rows], np.float32)
-    boxes = np.array([[int(r[k]) for k in ("x0", "y0", "x1", "y1")] for r in rows], np.int32)
-    scores = np.array([float(r["score"]) for r in rows], np.float32)
-    return Detections(centres, boxes, scores, qc)
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        typed = "cell_type" in (reader.fieldnames or ())
+    out = []
+    for k in range(n_images):
+        mine = [r for r in rows if int(r.get("field") or 0) == k]
+        if not mine:
+            empty = Detections.empty()
+            empty.qc = qc
+            empty.cell_types = [] if typed else None
+            out.append(empty)
+            continue
+        centres = np.array([(float(r["x"]), float(r["y"])) for r in mine], np.float32)
+        boxes = np.array([[int(r[c]) for c in ("x0", "y0", "x1", "y1")] for r in mine], np.int32)
+        scores = np.array([float(r["score"]) for r in mine], np.float32)
+        out.append(Detections(centres, boxes, scores, qc, [r["cell_type"] for r in mine] if typed else None))
+    return out
 
 
 def _attach_truth(wsi: WholeSlide, found: Detections) -> tuple[list[str] | None, np.ndarray | None]:
