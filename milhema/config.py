@@ -377,9 +377,9 @@ def _check_model(model: Mapping[str, Any], fusion: Mapping[str, Any], data: Mapp
     constructor refuses (``k: 0``) fails now too; the global random state is left as it was.
     """
     name, mode = model["name"], fusion["mode"]
-    if not isinstance(name, str) or name not in list_models():
+    if not isinstance(name, str) or name not in list_models(aliases=True):
         raise ConfigError(f"model.name {name!r} is not one of {', '.join(list_models())}"
-                          f"{did_you_mean(str(name), list_models(), cutoff=0.5)}")
+                          f"{did_you_mean(str(name), list_models(aliases=True), cutoff=0.5)}")
     if mode not in FUSION_MODES:
         raise ConfigError(f"fusion.mode {mode!r} is not one of {', '.join(FUSION_MODES)}"
                           f"{did_you_mean(mode, FUSION_MODES, cutoff=0.5)}")

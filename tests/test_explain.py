@@ -175,7 +175,7 @@ def test_explain_errors_are_one_line(cv_run: Path, planted: tuple[Path, Path], t
 FAMILIES = {
     "abmil": ["--set", "model.name=abmil", "--set", "model.multi_branch=true"],
     "dsmil": ["--set", "model.name=dsmil"],
-    "transmil": ["--set", "model.name=transmil", "--set", "model.n_layers=1"],
+    "transformer": ["--set", "model.name=transformer", "--set", "model.n_layers=1"],
     "multiview": ["--set", "model.name=multiview"],
     "graph": ["--set", "model.name=graph", "--set", "model.k=4", "--set", "model.n_layers=1"],
     "meanpool": ["--set", "model.name=meanpool"],

@@ -286,7 +286,7 @@ def test_fusion_modes() -> None:
 
 
 def test_registry_lists_every_model() -> None:
-    assert set(list_models()) >= {"meanpool", "maxpool", "abmil", "dsmil", "transmil", "multiview", "graph"}
+    assert set(list_models()) >= {"meanpool", "maxpool", "abmil", "dsmil", "transformer", "multiview", "graph"}
 
 
 def test_registry_errors_are_helpful() -> None:
@@ -423,3 +423,23 @@ def test_graph_in_slide_space_links_cells_of_one_smear_only() -> None:
     again = model(x, mask, cbc=None, coords=moved, slide=slide)
     torch.testing.assert_close(out.logits, again.logits)
     torch.testing.assert_close(out.cell_scores, again.cell_scores)
+
+
+def test_the_readme_model_table_names_every_registered_model() -> None:
+    """Names are promises: every model has a README row saying what it is, and every row is a model."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| model (`model.name`)"):]
+    table = table[: table.index("\n\n")]
+    named = set(re.findall(r"`([a-z_]+)`", "\n".join(row.split("|")[1] for row in table.splitlines()[2:])))
+    assert named == set(list_models(aliases=True))
+
+
+def test_an_alias_builds_the_model_it_stands_for() -> None:
+    from milhema.models import canonical_name
+
+    assert "transmil" not in list_models() and "transmil" in list_models(aliases=True)
+    assert canonical_name("transmil") == "transformer"
+    assert type(create_model("transmil", in_dim=D, n_classes=K, hidden_dim=H)) is model_class("transformer")

@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=500)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--models", default="abmil,transmil,graph")
+    parser.add_argument("--models", default="abmil,transformer,graph")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()

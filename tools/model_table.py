@@ -18,7 +18,7 @@ from milhema.data import load_cohort
 from milhema.train.cv import run_cv
 from milhema.train.metrics import format_ci
 
-FAMILIES = ("abmil", "dsmil", "transmil", "multiview", "graph")
+FAMILIES = ("abmil", "dsmil", "transformer", "multiview", "graph")
 
 
 def main() -> None:

@@ -6,17 +6,18 @@ Build a model by name with :func:`create_model`; every model maps a padded batch
 import line below.
 """
 
-from milhema.models import abmil, dsmil, graph, multiview, pooling, transmil  # noqa: F401  (registers the models)
+from milhema.models import abmil, dsmil, graph, multiview, pooling, transformer  # noqa: F401  (registers the models)
 from milhema.models.base import MILModel, MILOutput
 from milhema.models.fusion import FUSION_MODES
 from milhema.models.registry import (
-           check_params,
-           create_model,
-           list_models,
-           model_class,
-           model_params,
-           register_model,
+    canonical_name,
+    check_params,
+    create_model,
+    list_models,
+    model_class,
+    model_params,
+    register_model,
 )
 
-__all__ = ["FUSION_MODES", "MILModel", "MILOutput", "check_params", "create_model", "list_models", "model_class", "model_params",
-           "register_model"]
+__all__ = ["FUSION_MODES", "MILModel", "MILOutput", "canonical_name", "check_params", "create_model", "list_models",
+           "model_class", "model_params", "register_model"]

@@ -14,28 +14,38 @@ from milhema.errors import ConfigError, did_you_mean
 from milhema.models.base import MILModel
 
 _REGISTRY: dict[str, type[MILModel]] = {}
+# Old names kept working: a name a model once had, or the paper a user expects (transmil).
+_ALIASES: dict[str, str] = {}
 
 # Passed by create_model itself, so never accepted inside **params.
 _FIXED = ("in_dim", "n_classes", "cbc_dim", "fusion")
 
 
-def register_model(name: str) -> Callable[[type[MILModel]], type[MILModel]]:
-    """Class decorator registering a :class:`MILModel` subclass under ``name``."""
+def register_model(name: str, *, aliases: tuple[str, ...] = ()) -> Callable[[type[MILModel]], type[MILModel]]:
+    """Class decorator registering a :class:`MILModel` subclass under ``name`` (and ``aliases``, other
+    names that build the same model: a former name, documented as such)."""
 
     def decorate(cls: type[MILModel]) -> type[MILModel]:
         if not (isinstance(cls, type) and issubclass(cls, MILModel)):
             raise TypeError(f"@register_model({name!r}) needs a MILModel subclass, got {cls!r}")
-        if _REGISTRY.get(name, cls) is not cls:
-            raise ValueError(f"model name {name!r} is already registered to {_REGISTRY[name].__qualname__}")
+        for key in (name, *aliases):
+            if _REGISTRY.get(_ALIASES.get(key, key), cls) is not cls:
+                raise ValueError(f"model name {key!r} is already registered to {_REGISTRY[_ALIASES.get(key, key)].__qualname__}")
         _REGISTRY[name] = cls
+        _ALIASES.update(dict.fromkeys(aliases, name))
         return cls
 
     return decorate
 
 
-def list_models() -> list[str]:
-    """Names of all registered models, sorted."""
-    return sorted(_REGISTRY)
+def list_models(*, aliases: bool = False) -> list[str]:
+    """Names of all registered models, sorted (with ``aliases``, their other names too)."""
+    return sorted([*_REGISTRY, *(_ALIASES if aliases else ())])
+
+
+def canonical_name(name: str) -> str:
+    """The registered name of model ``name`` (itself, or what an alias stands for)."""
+    return _ALIASES.get(name, name)
 
 
 
@@ -57,6 +67,7 @@ def model_class(name: str) -> type[MILModel]:
 
 
 def _lookup(name: str) -> type[MILModel]:
+    name = _ALIASES.get(name, name)
     if name not in _REGISTRY:
         raise ConfigError(f"model {name!r} is not registered; available: {', '.join(list_models())}"
                           f"{did_you_mean(str(name), list_models())}")

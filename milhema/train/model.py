@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from milhema.errors import MilhemaError
-from milhema.models import MILModel, MILOutput, create_model, model_params
+from milhema.models import MILModel, MILOutput, canonical_name, create_model, model_params
 from milhema.settings import Settings
 from milhema.train.data import BagInfo, Batch
 from milhema.train.inputs import CBCEncoder, FeatureNorm
@@ -61,7 +61,7 @@ def model_spec(settings: Settings, in_dim: int, classes: Sequence[str], patient_
     fusion = settings.fusion.mode if patient_features else "none"  # nothing to fuse: say so in metrics too
     loss = settings.loss
     return {
-        "model": settings.model.name, "params": params, "fusion": fusion, "in_dim": int(in_dim),
+        "model": canonical_name(settings.model.name), "params": params, "fusion": fusion, "in_dim": int(in_dim),
         "classes": list(classes), "views": list(views),
         "cbc_columns": list(patient_features) if fusion != "none" else [],
         "cbc_log_columns": [c for c in settings.data.log_features if c in patient_features],

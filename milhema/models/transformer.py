@@ -1,9 +1,11 @@
-"""Transformer MIL with a class token, after TransMIL (Shao et al. 2021), adapted to blood cells.
+"""``transformer``: a class-token transformer over a patient's cells (alias ``transmil``).
 
-Departure from TransMIL: TransMIL uses Nystrom attention and a PPEG positional module that
-reshapes patches onto a square 2-D grid. Blood-smear cells have no grid and no meaningful order,
+It is *not* TransMIL (Shao et al. 2021), though it is often asked for under that name and keeps
+it as an alias: TransMIL arranges patch tokens on a square grid for its PPEG positional module
+and uses Nyström approximate attention. Blood-smear cells have no grid and no meaningful order,
 so this model uses exact multi-head self-attention without any positional encoding, which makes
 it invariant to the order of the cells (bags of a few hundred cells keep exact attention cheap).
+What it shares with TransMIL: a class token that reads the bag, and pre-norm transformer layers.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ class _Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x))), weights
 
 
-@register_model("transmil")
-class TransMIL(MILModel):
+@register_model("transformer", aliases=("transmil",))
+class ClassTokenTransformer(MILModel):
     """Encoder -> FiLM hook -> [class token; cells] -> pre-norm transformer -> class token -> bag fusion -> head.
 
     Args (beyond :class:`MILModel`'s):
