@@ -13,6 +13,7 @@ import json
 import math
 import mmap
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Sequence
@@ -325,6 +326,7 @@ def add_cell_predictions(path: str | Path, predictions: CellPredictions) -> Path
         except BagError as exc:
             raise BagError(f"slide {slide_id}: the copy of {path.name} with predictions did not read back "
                            f"({first_line(exc)}); {path.name} is left as it was") from exc
+        shutil.copymode(path, tmp)   # the bag keeps its permissions
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -508,6 +510,23 @@ def _text(f: h5py.File, name: str, path: Path) -> np.ndarray:
     except UnicodeDecodeError as exc:
         raise BagError(f"slide {_slide_name(f, path)}: '{name}' of bag file {path.name} is not UTF-8 text "
                        f"(byte {exc.start} of one entry)") from exc
+
+
+def read_cell_predictions(path: str | Path) -> CellPredictions | None:
+    """The cell classifier's predictions in a bag (checked as :func:`read_bag` checks them), or None,
+    without reading its features or thumbnails.
+
+    Raises:
+        BagError: the file is unreadable or its predictions are malformed.
+    """
+    path = Path(path)
+    with _open(path) as f:
+        foreign = _is_foreign(f)
+        _check_structure(f, path, foreign)
+        if foreign:
+            return None
+        attrs = _guarded(path, lambda: {k: _plain(v) for k, v in f.attrs.items()})
+        return _guarded(path, lambda: _predictions(f, attrs, f"slide {_slide_name(f, path)}: bag file {path.name}"))
 
 
 def read_bag_attrs(path: str | Path) -> dict[str, Any]:
