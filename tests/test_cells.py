@@ -174,6 +174,20 @@ def test_differential_is_a_patient_feature_and_a_predict_output(cells: Cells, tm
         assert all(float(r["ci_low"]) <= float(r["percent"]) <= float(r["ci_high"]) for r in mine)
     with open(out / "anomalies.csv", encoding="utf-8") as fh:
         assert {r["attribute"] for r in csv.DictReader(fh)} == {"vacuoles", "hypogranular", "pseudo_pelger", "auer_rod"}
+    # From Python too: the bag files of one patient, the differential computed from their predictions.
+    import milhema
+
+    api = milhema.load_run(run, device="cpu")
+    pid = cohort.patient_ids[0]
+    paths = [cells.bags / f"{s.slide_id}.h5" for s in cohort.slides_of(pid)]
+    with one_thread():
+        result = api.predict_bags(paths, cbc={"wbc": 5.0}, patient_id=pid)
+    assert result.probs.sum() == pytest.approx(1.0, abs=1e-5)
+    assert float(result.bag.cbc[1]) == pytest.approx(float(next(r["percent"] for r in pooled
+                                                                  if r["patient_id"] == pid and r["type"] == "blast")),
+                                                     abs=0.01)
+    with pytest.raises(MilhemaError, match="no cell_type_probs"):
+        api.predict_bags([cells.plain / path.name for path in paths])
     # Bags without predictions: the run that reads the differential cannot predict from them, in one line.
     capsys.readouterr()
     assert main(["predict", "--run", str(run), "--cohort", str(cells.cohort), "--bags", str(cells.plain),
