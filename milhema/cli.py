@@ -237,10 +237,14 @@ def _cells_predict(args: argparse.Namespace) -> int:
 
     cohort = None
     if args.cohort is not None:
-        from milhema.config import load_config
+        from milhema.config import DEFAULTS
         from milhema.data.manifest import load_cohort
+        from milhema.train.predict import run_settings
 
-        cohort = load_cohort(args.cohort, load_config(None).data.classes, ())
+        # Labels play no part; the cohort is read with the classes of the config the classifier was trained with.
+        classes = (run_settings(args.run).data.classes if (args.run / "config.yaml").is_file()
+                   else DEFAULTS["data"]["classes"])
+        cohort = load_cohort(args.cohort, classes, ())
     done = run_cells_predict(args.run, args.bags, cohort, overwrite=args.overwrite, device=args.device,
                              progress=not args.quiet)
     if not done.written:

@@ -127,7 +127,7 @@ def test_predict_resumes_refuses_another_classifier_and_uses_the_ensemble_for_ne
     bags = tmp_path / "bags"
     shutil.copytree(cells.bags, bags)
     capsys.readouterr()
-    assert main(["cells", "predict", "--run", str(cells.run), "--bags", str(bags)]) == 0
+    assert main(["cells", "predict", "--run", str(cells.run), "--bags", str(bags), "--cohort", str(cells.cohort)]) == 0
     assert "already carry the predictions" in capsys.readouterr().out
     other = tmp_path / "other"
     with one_thread():

@@ -138,7 +138,7 @@ def run_cells_predict(run: str | Path, bags: str | Path | None, cohort: Cohort |
                                                    json.dumps(info)))
         report.written.append(bag.slide_id)
         report.cells += bag.n_cells
-        report.held_out += len(models) == 1 and len(loaded.models) > 1
+        report.held_out += int(len(models) == 1 and len(loaded.models) > 1)
     return report
 
 
