@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, type=Path, help="new run folder")
     q.add_argument("--config", type=Path, default=None, help="YAML config (its cells section); default: built-in")
     q.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. --set cells.head=mlp 'cells.merge={band: neutrophil}'")
+                   help="override config keys, e.g. --set cells.head=linear 'cells.merge={Blast: blast}'")
     q.add_argument("--folds", type=_positive_int, default=None, help="K patient-grouped folds (default: cells.folds = 5)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     q.set_defaults(func=_cells_train)

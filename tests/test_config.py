@@ -99,8 +99,8 @@ def test_cells_section_is_typed_and_validated() -> None:
 
     types = [t for t in DEFAULTS["cells"]["types"] if t != "band"]
     s = load_config(None, [f"cells.types=[{', '.join(types)}]", "cells.merge={band: neutrophil}",
-                           "cells.merge.Stab=neutrophil", "cells.head=mlp"])
-    assert s.cells.merge == {"band": "neutrophil", "Stab": "neutrophil"} and s.cells.head == "mlp"
+                           "cells.merge.Stab=neutrophil", "cells.head=linear"])
+    assert s.cells.merge == {"band": "neutrophil", "Stab": "neutrophil"} and s.cells.head == "linear"
     assert s.cells.type_of("band") == "neutrophil" and s.cells.type_of("neutrophil") == "neutrophil"
     assert s.cells.type_of("Band") is None   # unknown names are never guessed
     assert "band" not in s.cells.neutrophils and "neutrophil" in s.cells.neutrophils
