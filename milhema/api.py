@@ -23,8 +23,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from milhema.bags import read_bag, read_bag_attrs
+from milhema.bags import Bag, read_bag, read_bag_attrs
+from milhema.data.manifest import is_derived_feature
 from milhema.device import resolve_device
+from milhema.differential import patient_values, slide_predictions
 from milhema.errors import MilhemaError
 from milhema.explain import figures
 from milhema.settings import Settings
@@ -132,6 +134,7 @@ class Run:
                 bag.features = bag.features[:, list(columns)]
             parts.append(bag)
         dim = int(trained["feature_dim"])
+        cbc = {**self._derived(parts, trained), **cbc}
         values = np.array([float(cbc.get(c, math.nan)) for c in self.patient_features], np.float32)
 
         def cat(items: list[np.ndarray], empty: np.ndarray) -> np.ndarray:
@@ -153,6 +156,25 @@ class Run:
                            if parts and all(b.thumbnails is not None for b in parts) else None),
         }
         return patient, extras
+
+
+    def _derived(self, parts: list[Bag], trained: Mapping[str, Any]) -> dict[str, float]:
+        """The run's bag-derived patient features (``diff_*``, ``anomaly_*``) computed from the bags' predictions."""
+        wanted = [c for c in self.patient_features if is_derived_feature(c)]
+        if not wanted or not parts:
+            return {}
+        slides = []
+        for bag in parts:
+            if bag.predictions is None:
+                raise MilhemaError(f"bag {bag.slide_id}: no cell_type_probs, which the run's patient features "
+                                   f"{', '.join(wanted)} need; run milhema cells predict on it first")
+            if trained.get("cell_classifier_sha256") not in (None, bag.predictions.classifier_sha256):
+                raise MilhemaError(f"bag {bag.slide_id}: predicted by another cell classifier than the run read "
+                                   f"({bag.predictions.classifier_sha256[:12]}, not "
+                                   f"{trained['cell_classifier_sha256'][:12]})")
+            slides.append(slide_predictions(bag.slide_id, "patient", bag.predictions))
+        values = patient_values(slides)
+        return {c: values.get(c, math.nan) for c in wanted}
 
 
 @dataclass

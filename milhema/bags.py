@@ -13,6 +13,7 @@ import json
 import math
 import mmap
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Sequence
@@ -30,16 +31,53 @@ from milhema.version import __version__
 FORMAT = "milhema-bag"
 # Raised only when a reader of the previous version would misread a file; an optional dataset or
 # attribute that older readers skip (``field`` + ``fields``) keeps the version, so old milhema reads new bags.
-FORMAT_VERSION = 1
+# Version 2: the bag carries a cell classifier's predictions (``cell_type_probs``, ``cell_attributes``),
+# results of a model that a version-1 reader would drop silently when the differential is a model input.
+# A bag without them is written as version 1, so older milhema keeps reading it.
+FORMAT_VERSION = 2
+BASE_VERSION = 1
 REQUIRED_DATASETS = ("features", "coords", "cell_ids")
-OPTIONAL_DATASETS = ("bboxes", "thumbnails", "cell_types", "diagnostic", "field")
+PREDICTION_DATASETS = ("cell_type_probs", "cell_attributes")
+OPTIONAL_DATASETS = ("bboxes", "thumbnails", "cell_types", "diagnostic", "field", "cell_attribute_labels",
+                     *PREDICTION_DATASETS)
 FIELDS_ATTR = "fields"   # JSON list of the field image names that ``field`` indexes
+# JSON lists naming the columns of the [N, K] datasets, and what identifies the classifier.
+LABEL_NAMES_ATTR = "cell_attribute_label_names"   # columns of cell_attribute_labels (annotations, -1/0/1)
+TYPE_NAMES_ATTR = "cell_type_names"               # columns of cell_type_probs
+ATTRIBUTE_NAMES_ATTR = "cell_attribute_names"     # columns of cell_attributes
+CLASSIFIER_ATTR = "cell_classifier_sha256"        # SHA-256 of the classifier's weights
+CLASSIFIER_INFO_ATTR = "cell_classifier"          # JSON text: the run and which of its models predicted the bag
+PREDICTION_ATTRS = (TYPE_NAMES_ATTR, ATTRIBUTE_NAMES_ATTR, CLASSIFIER_ATTR, CLASSIFIER_INFO_ATTR)
+_NAMES_OF = {"cell_attribute_labels": LABEL_NAMES_ATTR, "cell_type_probs": TYPE_NAMES_ATTR,
+             "cell_attributes": ATTRIBUTE_NAMES_ATTR}
+_PROB_TOLERANCE = 1e-3   # float32 probabilities: in [0, 1] and summing to 1 within this
 REQUIRED_ATTRS = ("format", "format_version", "slide_id", "patient_id", "backbone", "weights_sha256",
                   "feature_dim", "mpp", "crop_px", "created_with")
 _STR = h5py.string_dtype("utf-8")
 # The HDF5 1.8 file format: every object header carries a checksum, so a damaged header is an
 # error from the library instead of a crash inside it, and any HDF5 from 1.8 (2008) on reads it.
 _LIBVER = ("v108", "v108")
+
+
+@dataclass(frozen=True)
+class CellPredictions:
+    """A cell classifier's output for the N cells of one bag (``milhema cells predict``).
+
+    Attributes:
+        type_probs: float32 ``[N, T]`` calibrated probabilities over ``type_names`` (rows sum to 1).
+        type_names: the T cell types.
+        classifier_sha256: SHA-256 of the classifier's weights (its fingerprint).
+        attribute_probs: float32 ``[N, A]`` probability of each of ``attribute_names`` (independent), or None.
+        attribute_names: the A anomaly attributes, ``()`` without ``attribute_probs``.
+        info: JSON text recorded beside them (the run, which of its models predicted this bag).
+    """
+
+    type_probs: np.ndarray
+    type_names: tuple[str, ...]
+    classifier_sha256: str
+    attribute_probs: np.ndarray | None = None
+    attribute_names: tuple[str, ...] = ()
+    info: str = "{}"
 
 
 @dataclass
@@ -57,6 +95,9 @@ class Bag:
         field: int32 ``[N]`` index into ``field_names`` of the photographed field each cell was found
             in (its ``coords`` and ``bboxes`` are pixels of that field), or None for scans and crops.
         field_names: the field image file names (the ``fields`` attribute), ``()`` without ``field``.
+        attribute_labels: int8 ``[N, A]`` annotated anomaly attributes (1 present, 0 absent, -1 not
+            annotated), or None; ``attribute_label_names`` names its columns.
+        predictions: the cell classifier's probabilities (format version 2), or None.
         attrs: root attributes (for CLAM/TRIDENT files, whatever the file had).
         foreign: True for a CLAM/TRIDENT file without milhema attributes.
     """
@@ -72,6 +113,9 @@ class Bag:
     diagnostic: np.ndarray | None = None
     field: np.ndarray | None = None
     field_names: tuple[str, ...] = ()
+    attribute_labels: np.ndarray | None = None
+    attribute_label_names: tuple[str, ...] = ()
+    predictions: CellPredictions | None = None
     attrs: dict[str, Any] = dataclass_field(default_factory=dict)
     foreign: bool = False
 
@@ -102,6 +146,9 @@ def write_bag(
     diagnostic: np.ndarray | None = None,
     field: np.ndarray | None = None,
     fields: Sequence[str] | None = None,
+    attribute_labels: np.ndarray | None = None,
+    attribute_names: Sequence[str] | None = None,
+    predictions: CellPredictions | None = None,
     backbone: str = "unknown",
     weights_sha256: str = "none",
     mpp: float = math.nan,
@@ -116,6 +163,9 @@ def write_bag(
         cell_ids: ``[N]`` unique ids; default ``"0"`` ... ``"N-1"``.
         field, fields: for a folder of photographed fields, ``[N]`` index into ``fields`` (the field
             image names) of the field each cell is in; ``coords`` are then pixels of that field.
+        attribute_labels, attribute_names: ``[N, A]`` annotated anomaly attributes (1, 0, -1 = not
+            annotated) and their A names, together or not at all.
+        predictions: a cell classifier's probabilities; the bag is then format version 2.
         extra_attrs: additional root attributes (e.g. which feature blocks were concatenated).
 
     Raises:
@@ -157,9 +207,22 @@ def write_bag(
         if n and not (0 <= int(datasets["field"].min()) and int(datasets["field"].max()) < len(names)):
             raise BagError(f"slide {slide_id}: field indices must be 0 to {len(names) - 1}")
         field_attr = {FIELDS_ATTR: json.dumps(names)}
+    if (attribute_labels is None) != (attribute_names is None):
+        raise BagError(f"slide {slide_id}: attribute_labels and attribute_names are given together or not at all")
+    if attribute_labels is not None and attribute_names is not None:
+        names = _column_names(attribute_names, slide_id, "attribute_names")
+        datasets["cell_attribute_labels"] = _shaped(attribute_labels, (n, len(names)), np.int8, slide_id,
+                                                    "attribute_labels")
+        if n and not np.isin(datasets["cell_attribute_labels"], (-1, 0, 1)).all():
+            raise BagError(f"slide {slide_id}: attribute_labels must be 1, 0 or -1 (not annotated)")
+        field_attr[LABEL_NAMES_ATTR] = json.dumps(names)
+    if predictions is not None:
+        prediction_arrays, prediction_attrs = _prediction_parts(predictions, n, slide_id)
+        datasets |= prediction_arrays
+        field_attr |= prediction_attrs
     attrs = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if predictions is not None else BASE_VERSION,
         "slide_id": slide_id,
         "patient_id": patient_id,
         "backbone": backbone,
@@ -186,6 +249,100 @@ def write_bag(
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _column_names(names: Sequence[str], slide_id: str, what: str) -> list[str]:
+    listed = [str(name) for name in names]
+    if not all(listed) or len(set(listed)) != len(listed):
+        raise BagError(f"slide {slide_id}: {what} must be distinct non-empty names, got {listed}")
+    return listed
+
+
+def _prediction_parts(pred: CellPredictions, n: int, slide_id: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The datasets and attributes of ``pred``, checked against the bag's N cells."""
+    types = _column_names(pred.type_names, slide_id, "cell type names")
+    probs = _shaped(pred.type_probs, (n, len(types)), np.float32, slide_id, "cell_type_probs")
+    arrays = {"cell_type_probs": probs}
+    attrs = {TYPE_NAMES_ATTR: json.dumps(types), CLASSIFIER_ATTR: str(pred.classifier_sha256),
+             CLASSIFIER_INFO_ATTR: str(pred.info)}
+    if pred.attribute_probs is not None:
+        names = _column_names(pred.attribute_names, slide_id, "cell attribute names")
+        arrays["cell_attributes"] = _shaped(pred.attribute_probs, (n, len(names)), np.float32, slide_id,
+                                            "cell_attributes")
+        attrs[ATTRIBUTE_NAMES_ATTR] = json.dumps(names)
+    for name, array in arrays.items():
+        problem = _probability_problem(array, name)
+        if problem:
+            raise BagError(f"slide {slide_id}: {problem}")
+    return arrays, attrs
+
+
+def _probability_problem(array: np.ndarray, name: str) -> str | None:
+    """What is wrong with a probability dataset's values, or None."""
+    if not array.size:
+        return None
+    if not np.isfinite(array).all() or array.min() < -_PROB_TOLERANCE or array.max() > 1 + _PROB_TOLERANCE:
+        return f"'{name}' must hold probabilities in [0, 1]"
+    if name == "cell_type_probs" and np.abs(array.sum(axis=1, dtype=np.float64) - 1.0).max() > _PROB_TOLERANCE:
+        return "'cell_type_probs' rows must sum to 1"
+    return None
+
+
+def add_cell_predictions(path: str | Path, predictions: CellPredictions) -> Path:
+    """Add (or replace) a cell classifier's predictions in the bag at ``path``, atomically; return ``path``.
+
+    The bag is copied, object by object, into a temporary file beside it with the new datasets and
+    attributes (format version 2); the copy is flushed, read back in full by :func:`validate_bag`
+    and only then renamed over the original. Interrupted or damaged at any point, the original is
+    left as it was (and the temporary file removed), so a half-written bag never takes its name.
+    Features are not recomputed: nothing is re-embedded.
+
+    Raises:
+        BagError: the bag is unreadable, not a milhema bag (a CLAM/TRIDENT file is someone else's),
+            or the predictions do not fit its cells.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    slide_id = path.stem
+    try:
+        with _open(path) as src:
+            if _is_foreign(src):
+                raise BagError(f"slide {path.stem}: {path.name} is a feature file not written by milhema embed; cell "
+                               "predictions are only added to milhema bags (embed the cohort to get them)")
+            _check_structure(src, path, False)
+            slide_id = _slide_name(src, path)
+            arrays, new_attrs = _prediction_parts(predictions, int(src["features"].shape[0]), slide_id)
+            with h5py.File(tmp, "w", libver=_LIBVER) as dst:
+                _guarded(path, lambda: _copy_without_predictions(src, dst))
+                for name, array in arrays.items():
+                    _create(dst, name, array)
+                dst.attrs.update(new_attrs)
+                dst.attrs["format_version"] = FORMAT_VERSION
+                dst.flush()
+        try:
+            validate_bag(tmp)   # every dataset of the copy reads back before it replaces the original
+        except BagError as exc:
+            raise BagError(f"slide {slide_id}: the copy of {path.name} with predictions did not read back "
+                           f"({first_line(exc)}); {path.name} is left as it was") from exc
+        shutil.copymode(path, tmp)   # the bag keeps its permissions
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _copy_without_predictions(src: h5py.File, dst: h5py.File) -> None:
+    """Every dataset and root attribute of ``src`` except earlier predictions (compression and chunks kept)."""
+    for name in src:
+        if name not in PREDICTION_DATASETS:
+            src.copy(src[name], dst, name=name)
+    for key, value in src.attrs.items():
+        if key not in PREDICTION_ATTRS:
+            dst.attrs[key] = value
 
 
 def _create(f: h5py.File, name: str, array: np.ndarray) -> None:
@@ -264,9 +421,16 @@ def _read(f: h5py.File, path: Path, foreign: bool, thumbnails: bool) -> Bag:
         positions = [str(i) for i in range(len(features))]
     field: np.ndarray | None = None
     field_names: tuple[str, ...] = ()
+    where = f"slide {_slide_name(f, path)}: bag file {path.name}"
     if "field" in f and not foreign:
-        field, field_names = _fields(f["field"][()], attrs.get(FIELDS_ATTR), f"slide {_slide_name(f, path)}: bag "
-                                     f"file {path.name}")
+        field, field_names = _fields(f["field"][()], attrs.get(FIELDS_ATTR), where)
+    labels: np.ndarray | None = None
+    label_names: tuple[str, ...] = ()
+    if "cell_attribute_labels" in f and not foreign:
+        labels = f["cell_attribute_labels"][()].astype(np.int8)
+        label_names = _names(attrs, "cell_attribute_labels", labels.shape[1], where)
+        if labels.size and not np.isin(labels, (-1, 0, 1)).all():
+            raise BagError(f"{where}: 'cell_attribute_labels' must be 1, 0 or -1 (not annotated)")
     return Bag(
         slide_id=str(attrs.get("slide_id", path.stem)),
         patient_id=None if foreign else str(attrs["patient_id"]),
@@ -279,9 +443,50 @@ def _read(f: h5py.File, path: Path, foreign: bool, thumbnails: bool) -> Bag:
         diagnostic=f["diagnostic"][()].astype(bool) if "diagnostic" in f else None,
         field=field,
         field_names=field_names,
+        attribute_labels=labels,
+        attribute_label_names=label_names,
+        predictions=None if foreign else _predictions(f, attrs, where),
         attrs=attrs,
         foreign=foreign,
     )
+
+
+def _names(attrs: dict[str, Any], dataset: str, k: int, where: str) -> tuple[str, ...]:
+    """The JSON list of ``k`` distinct names of ``dataset``'s columns, from its attribute."""
+    attr = _NAMES_OF[dataset]
+    try:
+        listed = json.loads(attrs[attr]) if isinstance(attrs.get(attr), str) else None
+    except ValueError:
+        listed = None
+    if (not isinstance(listed, list) or len(listed) != k or not all(isinstance(x, str) and x for x in listed)
+            or len(set(listed)) != k):
+        raise BagError(f"{where} has a '{dataset}' dataset of {k} columns but no '{attr}' attribute listing "
+                       f"{k} distinct names as JSON text")
+    return tuple(listed)
+
+
+def _predictions(f: h5py.File, attrs: dict[str, Any], where: str) -> CellPredictions | None:
+    """The classifier's probabilities (format version 2), their values checked, or None."""
+    if "cell_type_probs" not in f:
+        if "cell_attributes" in f:
+            raise BagError(f"{where} has 'cell_attributes' without 'cell_type_probs'; run milhema cells predict again")
+        return None
+    if int(attrs.get("format_version", 0)) < FORMAT_VERSION:
+        raise BagError(f"{where} carries cell predictions but says format version {attrs.get('format_version')}; "
+                       f"bags with predictions are version {FORMAT_VERSION} (run milhema cells predict again)")
+    probs = f["cell_type_probs"][()].astype(np.float32)
+    attributes = f["cell_attributes"][()].astype(np.float32) if "cell_attributes" in f else None
+    for name, array in (("cell_type_probs", probs), ("cell_attributes", attributes)):
+        problem = None if array is None else _probability_problem(array, name)
+        if problem:
+            raise BagError(f"{where}: {problem}")
+    fingerprint = attrs.get(CLASSIFIER_ATTR)
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise BagError(f"{where} has 'cell_type_probs' but no '{CLASSIFIER_ATTR}' attribute (the classifier)")
+    return CellPredictions(probs, _names(attrs, "cell_type_probs", probs.shape[1], where), fingerprint,
+                           attributes, () if attributes is None else
+                           _names(attrs, "cell_attributes", attributes.shape[1], where),
+                           str(attrs.get(CLASSIFIER_INFO_ATTR, "{}")))
 
 
 def _fields(index: np.ndarray, names: Any, where: str) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -305,6 +510,23 @@ def _text(f: h5py.File, name: str, path: Path) -> np.ndarray:
     except UnicodeDecodeError as exc:
         raise BagError(f"slide {_slide_name(f, path)}: '{name}' of bag file {path.name} is not UTF-8 text "
                        f"(byte {exc.start} of one entry)") from exc
+
+
+def read_cell_predictions(path: str | Path) -> CellPredictions | None:
+    """The cell classifier's predictions in a bag (checked as :func:`read_bag` checks them), or None,
+    without reading its features or thumbnails.
+
+    Raises:
+        BagError: the file is unreadable or its predictions are malformed.
+    """
+    path = Path(path)
+    with _open(path) as f:
+        foreign = _is_foreign(f)
+        _check_structure(f, path, foreign)
+        if foreign:
+            return None
+        attrs = _guarded(path, lambda: {k: _plain(v) for k, v in f.attrs.items()})
+        return _guarded(path, lambda: _predictions(f, attrs, f"slide {_slide_name(f, path)}: bag file {path.name}"))
 
 
 def read_bag_attrs(path: str | Path) -> dict[str, Any]:
@@ -473,7 +695,10 @@ def _check_datasets(f: h5py.File, where: str, foreign: bool) -> None:
 _LAYOUT: dict[str, tuple[str, tuple[int | None, ...]]] = {
     "cell_ids": ("OSU", ()), "cell_types": ("OSU", ()), "diagnostic": ("biu", ()),
     "bboxes": ("iuf", (4,)), "thumbnails": ("u", (None, None, 3)), "field": ("iu", ()),
+    "cell_attribute_labels": ("bi", (None,)), "cell_type_probs": ("f", (None,)), "cell_attributes": ("f", (None,)),
 }
+_WHAT = {"biu": "0/1", "iuf": "numbers", "u": "uint8", "iu": "integers", "bi": "1/0/-1 integers",
+         "f": "probabilities (floating point)"}
 
 
 def _check_optional(ds: h5py.Dataset, name: str, n: int, where: str) -> None:
@@ -485,8 +710,9 @@ def _check_optional(ds: h5py.Dataset, name: str, n: int, where: str) -> None:
     is_text = h5py.check_string_dtype(ds.dtype) is not None
     kind_ok = is_text if kinds == "OSU" else (ds.dtype.kind in kinds and not is_text)
     if not shape_ok or not kind_ok:
-        layout = ", ".join(["N", *("S" if r is None else str(r) for r in rest)])
-        what = "text" if kinds == "OSU" else {"biu": "0/1", "iuf": "numbers", "u": "uint8", "iu": "integers"}[kinds]
+        layout = ", ".join(["N", *("K" if r is None and name in _NAMES_OF else "S" if r is None else str(r)
+                                   for r in rest)])
+        what = "text" if kinds == "OSU" else _WHAT[kinds]
         raise BagError(f"{where}: '{name}' must be [{layout}] {what}, got {list(ds.shape)} {ds.dtype}")
 
 

@@ -198,6 +198,65 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cells_train(args: argparse.Namespace) -> int:
+    from milhema.cells.run import run_cells_train
+    from milhema.config import load_config
+    from milhema.data.manifest import load_cohort
+    from milhema.train.metrics import format_ci
+
+    extra = [f"cells.folds={args.folds}"] if args.folds else []
+    settings = load_config(args.config, [*extra, *args.set])
+    cohort = load_cohort(args.cohort, settings.data.classes, ())
+    m = run_cells_train(settings, cohort, args.bags, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    report = m["annotations"]
+    print(f"{report['annotated']} annotated cells of {report['cells']} ({report['not_annotated']} without annotation) "
+          f"from {m['n_patients']} patients; {m['head']} head on {m['backbone']} features, {m['folds']}-fold "
+          "patient-grouped cv")
+    if report["merged"]:
+        print("  merged: " + ", ".join(f"{k} -> {v['type']} ({v['cells']})" for k, v in report["merged"].items()))
+    if report["unknown"]:
+        shown = [f"{k!r} ({v['cells']} cells" + (f"; did you mean {v['closest']!r}?" if v["closest"] else "") + ")"
+                 for k, v in list(report["unknown"].items())[:8]]
+        print(f"  left out, not one of cells.types or cells.merge: {', '.join(shown)}")
+    t = m["type_metrics"]
+    print(f"  balanced accuracy  {format_ci(t['balanced_accuracy'])} out of fold (chance "
+          f"{t['chance_balanced_accuracy']:.2f}); differential error {m['differential']['mae_pp_mean_over_types']:.2f} "
+          "percentage points (mean over types)")
+    for name, a in m.get("attribute_metrics", {}).items():
+        if not 0 < a["positives"] < a["annotated"]:
+            print(f"  {name:<18} not scored: {a['positives']} positive of {a['annotated']} annotated cells")
+            continue
+        print(f"  {name:<18} AUROC {format_ci(a['auroc'])}, average precision {format_ci(a['average_precision'])} "
+              f"({a['positives']} positive cells)")
+    print(f"run in {args.out}; next: milhema cells predict --run {args.out} --bags {args.bags or 'BAGS'}")
+    return 0
+
+
+def _cells_predict(args: argparse.Namespace) -> int:
+    from milhema.cells.predict import run_cells_predict
+
+    cohort = None
+    if args.cohort is not None:
+        from milhema.config import DEFAULTS
+        from milhema.data.manifest import load_cohort
+        from milhema.train.predict import run_settings
+
+        # Labels play no part; the cohort is read with the classes of the config the classifier was trained with.
+        classes = (run_settings(args.run).data.classes if (args.run / "config.yaml").is_file()
+                   else DEFAULTS["data"]["classes"])
+        cohort = load_cohort(args.cohort, classes, ())
+    done = run_cells_predict(args.run, args.bags, cohort, overwrite=args.overwrite, device=args.device,
+                             progress=not args.quiet)
+    if not done.written:
+        print(f"all {len(done.skipped)} bags already carry the predictions of {args.run}: nothing to do")
+        return 0
+    already = f"; {len(done.skipped)} already carried them" if done.skipped else ""
+    held = f" ({done.held_out} slides of the run's patients by the fold model that held them out)" if done.held_out else ""
+    print(f"cell type probabilities for {done.cells} cells written into {len(done.written)} bags{held}{already} "
+          "(bag format version 2)")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from milhema.demo import run_demo
 
@@ -336,6 +395,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_explain)
+
+    p = sub.add_parser("cells", help="cell-type classifier on the bags' frozen features (train, predict)")
+    cells = p.add_subparsers(dest="cells_command", required=True, metavar="STEP")
+    q = cells.add_parser("train", parents=[common],
+                         help="train and cross-validate (patient-grouped) a cell-type classifier on annotated cells")
+    q.add_argument("--cohort", required=True, type=Path, help="folder with patients.csv and slides.csv")
+    q.add_argument("--bags", type=Path, default=None, help=BAGS_HELP)
+    q.add_argument("--out", required=True, type=Path, help="new run folder")
+    q.add_argument("--config", type=Path, default=None, help="YAML config (its cells section); default: built-in")
+    q.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set cells.head=linear 'cells.merge={Blast: blast}'")
+    q.add_argument("--folds", type=_positive_int, default=None, help="K patient-grouped folds (default: cells.folds = 5)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    q.set_defaults(func=_cells_train)
+    q = cells.add_parser("predict", parents=[common],
+                         help="write cell-type (and anomaly) probabilities into the bags, without re-embedding")
+    q.add_argument("--run", required=True, type=Path, help="run folder of milhema cells train")
+    q.add_argument("--bags", type=Path, default=None, help="folder of bags (every *.h5 in it, or the cohort's)")
+    q.add_argument("--cohort", type=Path, default=None,
+                   help="only the bags of this cohort's slides (needed when slides.csv's sources are feature files)")
+    q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    q.add_argument("--overwrite", action="store_true", help="replace another classifier's predictions in the bags")
+    q.set_defaults(func=_cells_predict, on_interrupt="run the same command again: finished bags are kept")
 
     p = sub.add_parser("demo", parents=[common], help="the whole pipeline on a simulated cohort, end to end")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="working folder (default demo_out)")

@@ -87,6 +87,52 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # is measured on this many test patients (spread over the folds); 0 = attention only.
         "occlusion_patients": 40,
     },
+    "cells": {
+        # `milhema cells train|predict`: a cell-type classifier on the bags' frozen features, trained on
+        # annotated cells (the bags' cell_types), and a multi-label head for anomaly attributes.
+        # The cell types it learns, in the order of its outputs (the columns of cell_type_probs).
+        "types": ["neutrophil", "band", "lymphocyte", "monocyte", "eosinophil", "basophil", "blast", "blast_auer",
+                  "promyelocyte", "hypogranular_neutrophil", "pseudo_pelger", "vacuolated_neutrophil",
+                  "vacuolated_monocyte", "reactive_lymphocyte", "smudge"],
+        # Annotated names read as one of `types`, e.g. {band: neutrophil, "Neutrophil segmented": neutrophil}.
+        # Any other name is counted and reported as unknown and left out of training, never guessed.
+        "merge": {},
+        # Anomaly attributes the multi-label head learns (0/1 columns of cells.csv); null = every one
+        # the annotated bags carry; [] = no anomaly head.
+        "attributes": None,
+        # Types counted as neutrophils: anomaly rates are given among them (differential.csv); a name
+        # merged into another type counts as that type.
+        "neutrophil_types": ["neutrophil", "band", "hypogranular_neutrophil", "pseudo_pelger",
+                             "vacuolated_neutrophil"],
+        # mlp: one hidden layer of hidden_dim (GELU, dropout); linear: a linear probe. The MLP was better
+        # on both feature sets of docs/RESULTS.md (morphology: balanced accuracy 0.92 vs 0.87).
+        "head": "mlp",
+        "hidden_dim": 256,
+        "dropout": 0.1,
+        "epochs": 100,
+        "lr": 3.0e-3,
+        "weight_decay": 1.0e-4,
+        "batch_size": 512,
+        # Early stopping: epochs without a better validation loss.
+        "patience": 15,
+        # Share of each fold's training patients held out (whole patients) for early stopping and calibration.
+        "val_fraction": 0.2,
+        # Patient-grouped folds: metrics are out of fold; predict gives each training patient's
+        # cells the model that held the patient out.
+        "folds": 5,
+        # Cross-entropy weighted by inverse type frequency (rare types count as much as common ones).
+        "class_weights": True,
+        # Feature blocks of the bags to use (e.g. [morphology]); null = all.
+        "feature_blocks": None,
+        # Loss of the anomaly head: asymmetric (ASL, Ridnik et al. 2021) or focal (binary focal loss).
+        "attribute_loss": "asymmetric",
+        "gamma_neg": 4.0,
+        "gamma_pos": 0.0,
+        # ASL's probability margin: negatives predicted below it cost nothing.
+        "clip": 0.05,
+        "seed": 0,
+        "device": "auto",
+    },
     "tracking": {
         # offline: a local W&B run in <run>/wandb/ to upload later with `wandb sync`; online; disabled.
         # A WANDB_MODE environment variable of offline or disabled makes it more private, never less.
@@ -109,6 +155,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # Sections whose extra keys are passed on to a component that validates them itself
 # (model hyper-parameters differ by model family).
 _OPEN_SECTIONS = frozenset({"model"})
+# Keys whose value is a mapping of free names (not a section of fixed keys): updated, never checked as keys.
+_MAPPING_KEYS = frozenset({"cells.merge"})
+_HEADS = ("linear", "mlp")
+_ATTRIBUTE_LOSSES = ("asymmetric", "focal")
 # Keys that were renamed: configs and run folders written before still load, with a warning.
 _RENAMED = {"data.cbc_columns": "data.patient_features", "data.cbc_log_columns": "data.log_features"}
 
@@ -229,6 +279,12 @@ def merge_into(config: dict[str, Any], update: Mapping[str, Any], *, source: str
             raise ConfigError(f"{source}: unknown key '{dotted}'{did_you_mean(key, config, prefix=prefix)}; "
                               f"valid keys here: {valid}")
         current = config[key]
+        if dotted in _MAPPING_KEYS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: '{dotted}' must be a mapping of names, e.g. {{band: neutrophil}}, "
+                                  f"got {value!r}")
+            config[key] = {**current, **value}   # a file's names, then --set's, added to the defaults'
+            continue
         if isinstance(current, dict):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{source}: '{dotted}' must be a mapping of keys, got {value!r}")
@@ -286,6 +342,7 @@ def validate_values(config: Mapping[str, Any]) -> None:
     _validate_train(config["train"])
     _at_least(config["cv"], "cv", {"occlusion_patients": 0, "folds": 2, "repeats": 1})
     _check_model(config["model"], config["fusion"], config["data"])
+    _validate_cells(config["cells"])
     _validate_tracking(config["tracking"])
 
 
@@ -342,6 +399,52 @@ def _validate_train(train: Mapping[str, Any]) -> None:
         raise ConfigError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {train['device']!r}")
 
 
+def _validate_cells(cells: Mapping[str, Any]) -> None:
+    types = cells["types"]
+    _check_names("cells.types", types, allow_empty_list=False)
+    if len(types) < 2 or len(set(types)) != len(types):
+        raise ConfigError(f"cells.types must list at least two distinct cell types, got {types}")
+    merge = cells["merge"]
+    if not all(isinstance(k, str) and k.strip() and isinstance(v, str) for k, v in merge.items()):
+        raise ConfigError(f"cells.merge must map annotated names to cell types, e.g. {{band: neutrophil}}, got {merge!r}")
+    wrong = [v for v in merge.values() if v not in types]
+    if wrong:
+        raise ConfigError(f"cells.merge maps to {wrong[0]!r}, which cells.types does not list"
+                          f"{did_you_mean(wrong[0], types)}")
+    merged_away = [k for k in merge if k in types and merge[k] != k]
+    if merged_away:
+        raise ConfigError(f"cells.merge maps {merged_away[0]!r} to {merge[merged_away[0]]!r}, but {merged_away[0]!r} is "
+                          "itself one of cells.types; remove it from cells.types to merge it")
+    attributes = cells["attributes"]
+    if attributes is not None:
+        _check_names("cells.attributes", attributes, allow_empty_list=True, null_hint=True)
+        if len(set(attributes)) != len(attributes):
+            raise ConfigError(f"cells.attributes lists a name twice: {attributes}")
+    _check_names("cells.neutrophil_types", cells["neutrophil_types"], allow_empty_list=True)
+    outside = [t for t in cells["neutrophil_types"] if t not in types and t not in merge]
+    if outside:
+        raise ConfigError(f"cells.neutrophil_types names {outside[0]!r}, which cells.types does not list"
+                          f"{did_you_mean(outside[0], types)}")
+    if cells["head"] not in _HEADS:
+        raise ConfigError(f"cells.head must be {' or '.join(_HEADS)}, got {cells['head']!r}"
+                          f"{did_you_mean(str(cells['head']), _HEADS)}")
+    if cells["attribute_loss"] not in _ATTRIBUTE_LOSSES:
+        raise ConfigError(f"cells.attribute_loss must be {' or '.join(_ATTRIBUTE_LOSSES)}, "
+                          f"got {cells['attribute_loss']!r}")
+    blocks = cells["feature_blocks"]
+    if blocks is not None and (not isinstance(blocks, list) or not blocks or not all(isinstance(b, str) for b in blocks)):
+        raise ConfigError(f"cells.feature_blocks must be null or a list of block names like [morphology], got {blocks!r}")
+    _at_least(cells, "cells", {"hidden_dim": 1, "epochs": 1, "batch_size": 1, "patience": 1, "folds": 2,
+                               "weight_decay": 0.0, "seed": 0, "gamma_neg": 0.0, "gamma_pos": 0.0, "clip": 0.0})
+    if not 0.0 <= cells["dropout"] < 1.0 or not 0.0 < cells["lr"] < 1.0 or not 0.0 < cells["val_fraction"] < 0.5:
+        raise ConfigError("cells.dropout must be in [0, 1), cells.lr in (0, 1) and cells.val_fraction in (0, 0.5); "
+                          f"got {cells['dropout']}, {cells['lr']}, {cells['val_fraction']}")
+    if cells["clip"] >= 1.0 or cells["seed"] > _MAX_SEED:
+        raise ConfigError(f"cells.clip must be below 1 and cells.seed at most {_MAX_SEED}")
+    if not _DEVICE.match(cells["device"]):
+        raise ConfigError(f"cells.device must be auto, cpu, cuda, cuda:N or mps, got {cells['device']!r}")
+
+
 def _validate_tracking(tracking: Mapping[str, Any]) -> None:
     mode = tracking["mode"]
     if mode not in ("offline", "online", "disabled"):
@@ -386,9 +489,13 @@ def _check_model(model: Mapping[str, Any], fusion: Mapping[str, Any], data: Mapp
     params = {k: v for k, v in model.items() if k != "name"}
     check_params(name, params)
     # On the meta device nothing is allocated: a huge hidden_dim is checked, not built.
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        create_model(name, in_dim=8, n_classes=len(data["classes"]), cbc_dim=4 if data["patient_features"] else 0,
-                     fusion=mode, **params)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            create_model(name, in_dim=8, n_classes=len(data["classes"]), cbc_dim=4 if data["patient_features"] else 0,
+                         fusion=mode, **params)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:   # sizes torch cannot even describe
+        raise ConfigError(f"model {name}: these parameters do not build a model ({first_line(exc)[:120]}); "
+                          f"check model.* values such as hidden_dim ({model.get('hidden_dim')!r})") from exc
 
 
 def dump_config(settings: Settings) -> str:

@@ -110,6 +110,54 @@ class CvSettings:
 
 
 @dataclass(frozen=True)
+class CellsSettings:
+    """``cells``: the cell-type classifier on frozen bag features (``milhema cells train|predict``).
+
+    ``types`` are its outputs in order; ``merge`` maps annotated names to one of them (any other
+    name is unknown: counted, never guessed); ``attributes`` are the anomaly attributes of the
+    multi-label head (None = every one the annotations carry, ``()`` = no head).
+    """
+
+    types: tuple[str, ...]
+    merge: Mapping[str, str]
+    attributes: tuple[str, ...] | None
+    neutrophil_types: tuple[str, ...]
+    head: str
+    hidden_dim: int
+    dropout: float
+    epochs: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    patience: int
+    val_fraction: float
+    folds: int
+    class_weights: bool
+    feature_blocks: tuple[str, ...] | None
+    attribute_loss: str
+    gamma_neg: float
+    gamma_pos: float
+    clip: float
+    seed: int
+    device: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "merge", MappingProxyType(dict(self.merge)))
+
+    def type_of(self, name: str) -> str | None:
+        """The cell type an annotated ``name`` is (itself, or through ``merge``), or None if unknown."""
+        if name in self.types:
+            return name
+        return self.merge.get(name)
+
+    @property
+    def neutrophils(self) -> tuple[str, ...]:
+        """The types among :attr:`types` that count as neutrophils (``neutrophil_types`` through ``merge``)."""
+        found = {self.type_of(name) for name in self.neutrophil_types}
+        return tuple(t for t in self.types if t in found)
+
+
+@dataclass(frozen=True)
 class TrackingSettings:
     """``tracking``: the W&B run and pseudonymisation (see :mod:`milhema.tracking`)."""
 
@@ -126,7 +174,7 @@ class TrackingSettings:
 
 _SECTIONS: dict[str, type] = {
     "data": DataSettings, "model": ModelSettings, "fusion": FusionSettings, "loss": LossSettings,
-    "train": TrainSettings, "cv": CvSettings, "tracking": TrackingSettings,
+    "train": TrainSettings, "cv": CvSettings, "cells": CellsSettings, "tracking": TrackingSettings,
 }
 
 
@@ -140,6 +188,7 @@ class Settings:
     loss: LossSettings
     train: TrainSettings
     cv: CvSettings
+    cells: CellsSettings
     tracking: TrackingSettings
 
     @classmethod

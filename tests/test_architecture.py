@@ -35,19 +35,24 @@ ALLOWED = {
     "milhema.synth": {"milhema.version", "milhema.errors", "milhema.io", "milhema.slides"},
     "milhema.embed": {"milhema.version", "milhema.errors", "milhema.io", "milhema.device", "milhema.data", "milhema.bags",
                       "milhema.slides"},
+    # The differential count from a cell classifier's probabilities in the bags (and the patient features from it).
+    "milhema.differential": {"milhema.errors", "milhema.data", "milhema.bags"},
     "milhema.train": {"milhema.version", "milhema.errors", "milhema.io", "milhema.device", "milhema.settings", "milhema.config",
-                      "milhema.models", "milhema.data", "milhema.bags", "milhema.tracking"},
+                      "milhema.models", "milhema.data", "milhema.bags", "milhema.tracking", "milhema.differential"},
+    # Cell-level learning on the bags' frozen features; reuses train's calibration, metrics and bag helpers.
+    "milhema.cells": {"milhema.version", "milhema.errors", "milhema.io", "milhema.device", "milhema.settings",
+                      "milhema.config", "milhema.data", "milhema.bags", "milhema.train", "milhema.differential"},
     "milhema.explain": {"milhema.errors", "milhema.io", "milhema.device", "milhema.data", "milhema.bags",
                         "milhema.slides", "milhema.train"},
     "milhema.demo": {"milhema.config", "milhema.data", "milhema.embed", "milhema.explain", "milhema.io",
                      "milhema.synth", "milhema.tracking", "milhema.train"},
     "milhema.cli": {"milhema.version", "milhema.errors", "milhema.settings", "milhema.config", "milhema.data", "milhema.importers",
                     "milhema.synth", "milhema.embed", "milhema.train", "milhema.explain", "milhema.tracking",
-                    "milhema.demo"},
+                    "milhema.demo", "milhema.cells"},
     "milhema.__main__": {"milhema.cli"},
     # The notebook API: a run folder as an object (inference, cell tables, figures).
     "milhema.api": {"milhema.errors", "milhema.device", "milhema.settings", "milhema.bags", "milhema.slides",
-                    "milhema.train", "milhema.explain"},
+                    "milhema.train", "milhema.explain", "milhema.data", "milhema.differential"},
 }
 
 

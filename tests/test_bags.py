@@ -7,7 +7,15 @@ import h5py
 import numpy as np
 import pytest
 
-from milhema.bags import FORMAT, read_bag, read_bag_attrs, validate_bag, write_bag
+from milhema.bags import (
+    FORMAT,
+    CellPredictions,
+    add_cell_predictions,
+    read_bag,
+    read_bag_attrs,
+    validate_bag,
+    write_bag,
+)
 from milhema.errors import BagError
 
 
@@ -170,3 +178,136 @@ def test_clam_and_trident_files_read_as_bags(tmp_path: Path) -> None:
         f["features"] = feats
         f["coords"] = coords
     assert validate_bag(tmp_path / "slide2.h5")["n_cells"] == 7
+
+
+# --- format version 2: a cell classifier's predictions ---------------------------------------
+
+def _predictions(n: int, seed: int = 0, attributes: bool = True) -> CellPredictions:
+    rng = np.random.default_rng(seed)
+    return CellPredictions(rng.dirichlet(np.ones(3), n).astype(np.float32), ("blast", "neutrophil", "lymphocyte"),
+                           "ab" * 32, rng.uniform(0, 1, (n, 2)).astype(np.float32) if attributes else None,
+                           ("vacuoles", "auer_rod") if attributes else (), '{"run": "r"}')
+
+
+def test_a_bag_without_predictions_stays_version_1_and_annotations_round_trip(tmp_path: Path) -> None:
+    labels = np.array([[1, 0], [0, -1], [0, 0], [1, 1], [-1, -1]])
+    path = _bag(tmp_path / "S1.h5", attribute_labels=labels, attribute_names=["vacuoles", "auer_rod"])
+    bag = read_bag(path)
+    assert read_bag_attrs(path)["format_version"] == 1 and bag.predictions is None
+    assert bag.attribute_labels.dtype == np.int8 and bag.attribute_labels.tolist() == labels.tolist()
+    assert bag.attribute_label_names == ("vacuoles", "auer_rod")
+    with pytest.raises(BagError, match="attribute_labels and attribute_names are given together"):
+        _bag(tmp_path / "x.h5", attribute_labels=labels)
+    with pytest.raises(BagError, match="must be 1, 0 or -1"):
+        _bag(tmp_path / "x.h5", attribute_labels=labels * 2, attribute_names=["a", "b"])
+    with pytest.raises(BagError, match=r"attribute_labels must have shape \[5, 3\]"):
+        _bag(tmp_path / "x.h5", attribute_labels=labels, attribute_names=["a", "b", "c"])
+
+
+def test_predictions_make_a_version_2_bag_that_reads_back(tmp_path: Path) -> None:
+    pred = _predictions(5)
+    path = _bag(tmp_path / "S1.h5", predictions=pred)
+    bag = read_bag(path)
+    assert read_bag_attrs(path)["format_version"] == 2
+    assert np.allclose(bag.predictions.type_probs, pred.type_probs) and bag.predictions.type_names == pred.type_names
+    assert np.allclose(bag.predictions.attribute_probs, pred.attribute_probs)
+    assert bag.predictions.attribute_names == ("vacuoles", "auer_rod") and bag.predictions.classifier_sha256 == "ab" * 32
+    with pytest.raises(BagError, match="rows must sum to 1"):
+        _bag(tmp_path / "x.h5", predictions=CellPredictions(np.full((5, 3), 0.5), ("a", "b", "c"), "x"))
+    with pytest.raises(BagError, match=r"probabilities in \[0, 1\]"):
+        _bag(tmp_path / "x.h5", predictions=CellPredictions(pred.type_probs, pred.type_names, "x",
+                                                             np.full((5, 1), 1.5), ("v",)))
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda f: f.attrs.__setitem__("format_version", 1), "carries cell predictions but says format version 1"),
+    (lambda f: f.attrs.__delitem__("cell_type_names"), "no 'cell_type_names' attribute listing 3 distinct names"),
+    (lambda f: f.attrs.__setitem__("cell_type_names", '["a", "a", "b"]'), "3 distinct names"),
+    (lambda f: f.attrs.__setitem__("cell_attribute_names", '["v"]'), "'cell_attributes' dataset of 2 columns"),
+    (lambda f: f.attrs.__delitem__("cell_classifier_sha256"), "no 'cell_classifier_sha256' attribute"),
+    (lambda f: f["cell_type_probs"].__setitem__((0, 0), 7.0), r"probabilities in \[0, 1\]"),
+    (lambda f: f["cell_attributes"].__setitem__((1, 1), np.nan), r"probabilities in \[0, 1\]"),
+    (lambda f: f.__delitem__("cell_type_probs"), "'cell_attributes' without 'cell_type_probs'"),
+])
+def test_damaged_predictions_are_refused_in_one_line(tmp_path: Path, edit, message: str) -> None:
+    path = _bag(tmp_path / "S1.h5", predictions=_predictions(5))
+    with h5py.File(path, "a") as f:
+        edit(f)
+    with pytest.raises(BagError, match=message) as info:
+        validate_bag(path)
+    assert "\n" not in str(info.value) and "S1.h5" in str(info.value)
+
+
+def test_wrong_shapes_of_the_new_datasets_are_refused(tmp_path: Path) -> None:
+    path = _bag(tmp_path / "S1.h5", predictions=_predictions(5))
+    with h5py.File(path, "a") as f:
+        del f["cell_type_probs"]
+        f["cell_type_probs"] = np.full((4, 3), 1 / 3, np.float32)
+    with pytest.raises(BagError, match="'cell_type_probs' has 4 rows but there are 5 cells"):
+        validate_bag(path)
+    path = _bag(tmp_path / "S2.h5", predictions=_predictions(5))
+    with h5py.File(path, "a") as f:
+        del f["cell_attributes"]
+        f["cell_attributes"] = np.zeros(5, np.float32)
+    with pytest.raises(BagError, match=r"'cell_attributes' must be \[N, K\] probabilities"):
+        validate_bag(path)
+
+
+def test_adding_predictions_keeps_everything_else_and_replaces_earlier_ones(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    thumbs = rng.integers(0, 255, (5, 8, 8, 3), dtype=np.uint8)
+    path = _bag(tmp_path / "S1.h5", thumbnails=thumbs, cell_types=["a"] * 5, extra_attrs={"embed_signature": "sig"})
+    before = read_bag(path)
+    add_cell_predictions(path, _predictions(5))
+    after = read_bag(path)
+    assert after.attrs["format_version"] == 2 and after.attrs["embed_signature"] == "sig"
+    assert np.array_equal(after.features, before.features) and np.array_equal(after.thumbnails, thumbs)
+    assert list(after.cell_types) == ["a"] * 5 and after.predictions.attribute_probs is not None
+    add_cell_predictions(path, _predictions(5, seed=1, attributes=False))   # a classifier without anomaly head
+    again = read_bag(path)
+    assert again.predictions.attribute_probs is None and "cell_attribute_names" not in again.attrs
+    assert np.allclose(again.predictions.type_probs, _predictions(5, seed=1).type_probs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["S1.h5"]
+    with pytest.raises(BagError, match=r"cell_type_probs must have shape \[5, 3\], got \[4, 3\]"):
+        add_cell_predictions(path, _predictions(4))
+
+
+def test_adding_predictions_is_crash_safe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import milhema.bags as bags
+
+    path = _bag(tmp_path / "S1.h5")
+    original = path.read_bytes()
+    real_create = bags._create
+
+    def interrupted(f: h5py.File, name: str, array: np.ndarray) -> None:
+        if name == "cell_type_probs":
+            raise KeyboardInterrupt   # Ctrl-C (or a crash) half-way through the copy
+        real_create(f, name, array)
+
+    monkeypatch.setattr(bags, "_create", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        add_cell_predictions(path, _predictions(5))
+    assert path.read_bytes() == original and sorted(p.name for p in tmp_path.iterdir()) == ["S1.h5"]
+    monkeypatch.setattr(bags, "_create", real_create)
+
+    real_validate = bags.validate_bag
+
+    def damaged_then_checked(p: Path) -> dict:
+        data = Path(p).read_bytes()   # the disk garbles the copy before it is read back
+        Path(p).write_bytes(data[: len(data) // 2])
+        return real_validate(p)
+
+    monkeypatch.setattr(bags, "validate_bag", damaged_then_checked)
+    with pytest.raises(BagError, match="did not read back .* S1.h5 is left as it was"):
+        add_cell_predictions(path, _predictions(5))
+    assert path.read_bytes() == original and sorted(p.name for p in tmp_path.iterdir()) == ["S1.h5"]
+    assert read_bag(path).predictions is None
+
+
+def test_foreign_feature_files_get_no_predictions(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "T.h5", "w") as f:
+        f["features"] = np.zeros((3, 4), np.float32)
+        f["coords"] = np.zeros((3, 2))
+    with pytest.raises(BagError, match="not written by milhema embed"):
+        add_cell_predictions(tmp_path / "T.h5", _predictions(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["T.h5"]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,26 @@ def test_numbers_in_e_notation_and_duplicate_keys(tmp_path: Path) -> None:
     path.write_bytes(b"train:\n  lr: 0.1 # caf\xe9\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(path)
+
+
+def test_cells_section_is_typed_and_validated() -> None:
+
+    types = [t for t in DEFAULTS["cells"]["types"] if t != "band"]
+    s = load_config(None, [f"cells.types=[{', '.join(types)}]", "cells.merge={band: neutrophil}",
+                           "cells.merge.Stab=neutrophil", "cells.head=linear"])
+    assert s.cells.merge == {"band": "neutrophil", "Stab": "neutrophil"} and s.cells.head == "linear"
+    assert s.cells.type_of("band") == "neutrophil" and s.cells.type_of("neutrophil") == "neutrophil"
+    assert s.cells.type_of("Band") is None   # unknown names are never guessed
+    assert "band" not in s.cells.neutrophils and "neutrophil" in s.cells.neutrophils
+    assert s.to_dict()["cells"]["merge"] == {"band": "neutrophil", "Stab": "neutrophil"}
+    for override, message in [("cells.merge={band: neutrophil}", "remove it from cells.types to merge it"),
+                              ("cells.merge={Blast: blasts}", "maps to 'blasts', which cells.types does not list"),
+                              ("cells.merge=[band]", "must be a mapping of names"),
+                              ("cells.head=mpl", "did you mean 'mlp'"),
+                              ("cells.attribute_loss=bce", "asymmetric or focal"),
+                              ("cells.neutrophil_types=[neutro]", "cells.types does not list"),
+                              ("cells.folds=1", "cells.folds must be at least 2"),
+                              ("cells.val_fraction=0.7", "cells.val_fraction in"),
+                              ("cells.typse=[a, b]", "did you mean 'cells.types'")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, [override])

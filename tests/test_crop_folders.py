@@ -215,3 +215,30 @@ def test_cells_csv_missing_rows_keeps_the_other_annotations(
             "with their folder's name as cell type, or none at the top level") in warned, warned
     assert any(w.startswith("slide S1: 1 row(s) of cells.csv name no image in crop folder")
                and w.endswith("(gone.png); ignored") for w in warned), warned
+
+
+def test_a_class_folder_dataset_trains_the_cell_classifier_through_the_merge_map(
+        export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """<root>/<type>/*.jpg is a crop folder with type subfolders: its folder names are the annotations,
+    read as cells.types through cells.merge; without the map they are counted as unknown, never guessed."""
+    import json
+
+    bags = tmp_path / "bags"
+    assert main(["embed", "--cohort", str(export), "--out", str(bags), *EMBED]) == 0
+    err = _refused(capsys, ["cells", "train", "--cohort", str(export), "--bags", str(bags), "--out",
+                            str(tmp_path / "none"), "--folds", "2", "-q"])
+    assert "no annotated cell of a type in cells.types" in err
+    assert "(the annotated names found: 'Blast', 'Lymphocyte', 'Neutrophil segmented')" in err
+    assert main(["cells", "train", "--cohort", str(export), "--bags", str(bags), "--out", str(tmp_path / "some"),
+                 "--folds", "2", "--set", "cells.merge={Blast: blast, Lymphocyte: lymphocyte}", "cells.epochs=2",
+                 "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "merged: Blast -> blast (12), Lymphocyte -> lymphocyte (6)" in out
+    assert "left out, not one of cells.types or cells.merge: 'Neutrophil segmented' (6 cells" in out
+    merge = "cells.merge={Blast: blast, Lymphocyte: lymphocyte, Neutrophil segmented: neutrophil}"
+    assert main(["cells", "train", "--cohort", str(export), "--bags", str(bags), "--out", str(tmp_path / "run"),
+                 "--folds", "2", "--set", merge, "cells.epochs=2", "-q"]) == 0
+    report = json.loads((tmp_path / "run" / "metrics.json").read_text())["annotations"]
+    assert report["unknown"] == {} and report["not_annotated"] == 6   # the top-level 003.png of each slide
+    assert report["merged"]["Blast"] == {"type": "blast", "cells": 12}
+    assert report["per_type"]["neutrophil"] == 6 and report["per_type"]["lymphocyte"] == 6

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 
@@ -54,6 +55,12 @@ def test_embedding_writes_one_valid_bag_per_slide(embedded) -> None:
         assert bag.patient_id == slide.patient_id and bag.backbone == "timm/resnet18"
         assert attrs["weights_sha256"] == "none" and attrs["mpp"] == pytest.approx(slide.mpp)
         assert attrs["crop_px"] == 64 and len(bag.cell_types) == len(pngs) and bag.diagnostic.dtype == bool
+        # The simulator's anomaly attributes (0/1 columns of cells.csv) are carried as annotations.
+        with open(slide.source / "cells.csv", encoding="utf-8") as fh:
+            truth = {row["cell_id"]: row for row in csv.DictReader(fh)}
+        names = bag.attribute_label_names
+        assert names == ("vacuoles", "hypogranular", "pseudo_pelger", "auer_rod") and attrs["format_version"] == 1
+        assert bag.attribute_labels.tolist() == [[int(truth[c][a]) for a in names] for c in bag.cell_ids]
 
 
 def test_features_do_not_depend_on_batching_or_workers(embedded, tmp_path: Path) -> None:

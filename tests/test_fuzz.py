@@ -22,10 +22,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from milhema.bags import (
+    ATTRIBUTE_NAMES_ATTR,
+    CLASSIFIER_ATTR,
     FIELDS_ATTR,
+    LABEL_NAMES_ATTR,
     OPTIONAL_DATASETS,
     REQUIRED_ATTRS,
     REQUIRED_DATASETS,
+    TYPE_NAMES_ATTR,
+    CellPredictions,
     read_bag,
     read_bag_attrs,
     validate_bag,
@@ -139,6 +144,10 @@ def _valid_bag() -> bytes:
                          cell_ids=[f"c{i}.png" for i in range(n)], bboxes=np.zeros((n, 4)),
                          thumbnails=rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8), cell_types=["blast"] * n,
                          diagnostic=np.zeros(n, bool), field=np.arange(n) % 2, fields=["f0.png", "f1.jpg"],
+                         attribute_labels=rng.integers(-1, 2, (n, 2)), attribute_names=["vacuoles", "auer_rod"],
+                         predictions=CellPredictions(rng.dirichlet(np.ones(3), n).astype(np.float32),
+                                                     ("blast", "neutrophil", "lymphocyte"), "f" * 64,
+                                                     rng.uniform(0, 1, (n, 2)), ("vacuoles", "auer_rod")),
                          backbone="timm/resnet18", mpp=0.25, crop_px=64)
         assert read_bag(path).n_cells == n
         return path.read_bytes()
@@ -187,6 +196,8 @@ array_values = st.one_of(
     st.lists(h5_text, max_size=5).map(lambda v: np.array(v, dtype=object)),
     st.just(np.zeros((1, 3, 2), np.float32)),
     st.just(np.full((3, 2), np.nan, np.float32)),
+    st.sampled_from([0.5, 2.0, -1.0]).map(lambda v: np.full((3, 2), v, np.float32)),   # probabilities, or not
+    st.sampled_from([-1, 1, 5]).map(lambda v: np.full((3, 2), v, np.int8)),             # attribute labels, or not
 )
 attr_values = st.one_of(h5_text, st.integers(-2**40, 2**40), st.floats(allow_nan=True),
                         st.booleans(), st.binary(max_size=6).map(np.bytes_), st.just("milhema-bag"),
@@ -195,8 +206,9 @@ attr_values = st.one_of(h5_text, st.integers(-2**40, 2**40), st.floats(allow_nan
 
 @FAST
 @given(datasets=st.dictionaries(st.sampled_from([*REQUIRED_DATASETS, *OPTIONAL_DATASETS, "extra"]), array_values),
-       attrs=st.dictionaries(st.sampled_from([*REQUIRED_ATTRS, FIELDS_ATTR, "extra"]),
-                             attr_values | st.sampled_from(['["a.png"]', '["a", 1]', "[]", "{"])))
+       attrs=st.dictionaries(st.sampled_from([*REQUIRED_ATTRS, FIELDS_ATTR, LABEL_NAMES_ATTR, TYPE_NAMES_ATTR,
+                                              ATTRIBUTE_NAMES_ATTR, CLASSIFIER_ATTR, "extra"]),
+                             attr_values | st.sampled_from(['["a.png"]', '["a", 1]', "[]", "{", '["a", "b"]'])))
 def test_random_hdf5_files(datasets: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
     with _folder() as root:
         path = root / "S1.h5"

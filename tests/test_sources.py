@@ -71,6 +71,38 @@ def _by_id(bag_path: Path) -> dict[str, tuple[np.ndarray, np.ndarray | None, str
             for i, c in enumerate(bag.cell_ids)}
 
 
+def test_scan_truth_attributes_reach_the_bags(scans: Path, tmp_path: Path) -> None:
+    """The 0/1 columns of a scan's truth file are the detected cells' annotated attributes (-1 unmatched)."""
+    bags = tmp_path / "bags"
+    assert main(["embed", "--cohort", str(scans), "--out", str(bags), *EMBED]) == 0
+    checked = 0
+    for path in sorted(bags.glob("*.h5")):
+        bag = read_bag(path, thumbnails=False)
+        assert bag.attribute_label_names == ("vacuoles", "hypogranular", "pseudo_pelger", "auer_rod")
+        for types, labels in zip(bag.cell_types, bag.attribute_labels, strict=True):
+            if types == "unmatched":
+                assert labels.tolist() == [-1, -1, -1, -1]
+            else:
+                assert labels[3] == int(types == "blast_auer") and labels[0] == int(types.startswith("vacuolated"))
+                checked += 1
+    assert checked >= 20
+
+
+def test_attribute_columns_of_an_annotation_export(tmp_path: Path) -> None:
+    """Any other 0/1 column of cells.csv is an attribute (empty = not annotated); a score column is not."""
+    from milhema.slides.crops import list_crops
+
+    folder = tmp_path / "S1"
+    (folder / "Blast").mkdir(parents=True)
+    for name in ("Blast/a.png", "b.png", "c.png"):
+        Image.new("RGB", (8, 8)).save(folder / name)
+    (folder / "cells.csv").write_text("cell_id,cell_type,Auer rod,score,vacuoles\nBlast/a.png,,1,0.7,\n"
+                                      "b.png,neutrophil,0,0.2,true\n")
+    crops = list_crops("S1", folder)
+    assert crops.attribute_names == ("Auer rod", "vacuoles")
+    assert crops.attribute_labels == ((1, -1), (0, 1), (-1, -1))   # c.png has no row
+
+
 # --- registry ----------------------------------------------------------------------------------
 
 GRID = [(x, y) for y in (200.0, 500.0, 800.0) for x in (200.0, 500.0, 800.0)]

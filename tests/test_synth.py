@@ -112,3 +112,38 @@ def test_refuses_a_non_empty_folder_and_bad_parameters(tmp_path: Path) -> None:
     with pytest.raises(MilhemaError, match="difficulty"):
         synthesize_cohort(tmp_path / "new", 2, difficulty="extreme", progress=False)
     assert (tmp_path / "x.txt").read_text() == "keep me"
+
+
+def test_attribute_truth_is_what_the_renderer_draws() -> None:
+    """cells.csv's attribute columns follow the rendering: a pseudo-Pelger cell called hypogranular
+    has the faint granules of one, and asking does not change the image."""
+    from milhema.synth.cells import CELL_ATTRIBUTES, _render_cell, cell_attributes
+    from milhema.synth.stain import _GRA
+
+    hypo = CELL_ATTRIBUTES.index("hypogranular")
+    granules: dict[int, list[float]] = {0: [], 1: []}
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        flag = cell_attributes("pseudo_pelger", rng)[hypo]
+        cell = _render_cell("pseudo_pelger", rng, 0.25)
+        cytoplasm = (cell.cell > 0.5) & (cell.nucleus < 0.5)
+        granules[flag].append(float(cell.dens[_GRA][cytoplasm].mean()))
+        again = _render_cell("pseudo_pelger", np.random.default_rng(seed), 0.25)   # without asking first
+        assert np.array_equal(again.dens, cell.dens)
+    assert len(granules[0]) >= 5 and len(granules[1]) >= 5
+    assert max(granules[1]) < min(granules[0])
+    assert cell_attributes("blast_auer", np.random.default_rng(0)) == (0, 0, 0, 1)
+    assert cell_attributes("vacuolated_monocyte", np.random.default_rng(0)) == (1, 0, 0, 0)
+    assert cell_attributes("hypogranular_neutrophil", np.random.default_rng(0)) == (0, 1, 0, 0)
+    assert cell_attributes("neutrophil", np.random.default_rng(0)) == (0, 0, 0, 0)
+
+
+def test_cells_csv_carries_the_attribute_columns(tiny_cohort: Path) -> None:
+    for cells_csv in (tiny_cohort / "slides").glob("*/cells.csv"):
+        with open(cells_csv, encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            assert reader.fieldnames == ["cell_id", "cell_type", "diagnostic", "vacuoles", "hypogranular",
+                                         "pseudo_pelger", "auer_rod"]
+            for row in reader:
+                assert row["auer_rod"] == str(int(row["cell_type"] == "blast_auer"))
+                assert row["vacuoles"] == str(int(row["cell_type"].startswith("vacuolated")))

@@ -29,6 +29,10 @@ BAG_SUFFIXES = (".h5", ".hdf5")
 # crops, or a folder of photographed fields of view. Without the column a folder is crops and a file a scan.
 SOURCE_KINDS = ("scan", "crops", "fields")
 
+# Patient features whose names start so are computed from the bags' predicted cells
+# (milhema.differential: diff_<type>, anomaly_<attribute>), never read from patients.csv.
+DERIVED_PREFIXES = ("diff_", "anomaly_")
+
 # Slide ids become file names (bags/<slide_id>.h5): no separators, no leading dot, no "..".
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
@@ -285,10 +289,22 @@ def _check_id(value: str, where: str, what: str) -> None:
         )
 
 
+def is_derived_feature(name: str) -> bool:
+    """Whether the patient feature ``name`` is computed from the bags (``diff_blast``), not read from patients.csv."""
+    return name.startswith(DERIVED_PREFIXES)
+
+
 def _read_patients(path: Path, classes: list[str], features: list[str], require_labels: bool,
                    absent_ok: bool = False) -> dict[str, Patient]:
+    derived = [c for c in features if is_derived_feature(c)]
+    features = [c for c in features if not is_derived_feature(c)]
     header, rows, decimal_comma = _read_table(path, ["patient_id", "label", *([] if absent_ok else features)])
     name = path.name
+    clash = [c for c in derived if c in header]
+    if clash:
+        raise ManifestError(f"{name} has a column {clash[0]!r}, but patient features named {' or '.join(DERIVED_PREFIXES)}"
+                            "... are computed from the bags' predicted cells (milhema cells predict); rename the "
+                            f"column (e.g. manual_{clash[0].split('_', 1)[1]}) to read it from {name}")
     absent = [c for c in features if c not in header]
     if absent:
         warnings.warn(f"{name} has no column {', '.join(repr(c) for c in absent)}, which the model reads: "
@@ -307,7 +323,7 @@ def _read_patients(path: Path, classes: list[str], features: list[str], require_
         if label is not None and label not in classes:
             raise ManifestError(f"{where}: label {_shown(label)} is not one of {', '.join(classes)}"
                                 f"{did_you_mean(label, classes, cutoff=0.5)}")
-        values = {}
+        values = dict.fromkeys(derived, math.nan)   # filled from the bags (milhema.differential)
         for column in features:
             value = _parse_number(row.get(column, ""), decimal_comma=decimal_comma, where=where, what=f"{column}")
             if value < 0 and is_cbc_quantity(column):

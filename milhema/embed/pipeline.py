@@ -428,6 +428,8 @@ def _write(out: Path, buf: _SlideBuffer, backbone: Backbone | None, opts: EmbedO
         cell_types=None if src.cell_types is None else [src.cell_types[i] for i in keep],
         diagnostic=None if src.diagnostic is None else src.diagnostic[keep],
         field=None if src.field is None else src.field[keep], fields=src.field_names if src.field is not None else None,
+        attribute_labels=None if src.attribute_labels is None else src.attribute_labels[keep],
+        attribute_names=src.attribute_names if src.attribute_labels is not None else None,
         backbone=backbone.name if backbone else NO_BACKBONE,
         weights_sha256=backbone.weights_sha256 if backbone else "none",
         mpp=src.mpp if src.mpp is not None else math.nan, crop_px=src.crop_px or buf.crop_px,

@@ -11,7 +11,8 @@ A cell's id is its image's path relative to the slide folder with ``/`` separato
 stable, and cells are read in sorted id order. A cell in a subfolder has the subfolder's name
 as its cell type. An optional ``cells.csv`` in the slide folder (``cell_id``, ``cell_type``,
 ``diagnostic``) carries annotations or simulated truth: its ``cell_type``, when given, wins over
-the folder's name. Ids are only ever matched and stored as text, never turned back into paths.
+the folder's name; any other column whose values are all 0/1 (``true``/``false``; empty = not
+annotated) is an anomaly attribute of the cells (``vacuoles``, ``auer_rod`` ...). Ids are only ever matched and stored as text, never turned back into paths.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 # Compared lower-cased: exports write .JPG and .TIF as often as .jpg.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
 TRUTH_FILE = "cells.csv"
+TRUTH_COLUMNS = frozenset({"cell_id", "cell_type", "diagnostic"})   # of cells.csv; other 0/1 columns are attributes
+_YES, _NO = frozenset({"1", "true"}), frozenset({"0", "false"})
 SHOWN = 3   # names quoted in a warning; the rest are counted
 
 
@@ -58,6 +61,8 @@ class CropFolder:
     not_in_truth: tuple[str, ...] = ()    # images cells.csv has no row for
     truth_orphans: tuple[str, ...] = ()   # cells.csv ids that are no image of the folder
     truth_has_diagnostic: bool = False
+    attribute_names: tuple[str, ...] = ()                   # the 0/1 attribute columns of cells.csv
+    attribute_labels: tuple[tuple[int, ...], ...] | None = None   # per image: 1, 0, -1 (not annotated)
 
     @property
     def cell_ids(self) -> list[str]:
@@ -127,8 +132,12 @@ def list_crops(slide_id: str, folder: Path) -> CropFolder:
     # Unknown flags are not "not diagnostic": with one image unannotated, the slide carries none.
     diagnostic = (tuple(bool(truth[cell_id][1]) for cell_id in ids)
                   if has_diagnostic and not not_in_truth else None)
+    names, rows = read_attribute_columns(slide_id, folder / TRUTH_FILE, TRUTH_COLUMNS)
+    by_id = {row["cell_id"]: values for row, values in rows}
+    unknown = (-1,) * len(names)
+    labels = tuple(by_id.get(cell_id, unknown) for cell_id in ids) if names else None
     return CropFolder(slide_id, folder, paths, ids, cell_types, diagnostic, tuple(not_images), tuple(too_deep),
-                      not_in_truth, tuple(sorted(set(truth) - set(ids))), has_diagnostic)
+                      not_in_truth, tuple(sorted(set(truth) - set(ids))), has_diagnostic, names, labels)
 
 
 def _listed(names: tuple[str, ...]) -> str:
@@ -196,6 +205,35 @@ def read_truth(slide_id: str, path: Path) -> dict[str, tuple[str, bool | None]] 
                                    "must be 0 or 1")
             truth[row["cell_id"]] = ((row.get("cell_type") or "").strip(), flag in ("1", "true") if with_flags else None)
     return truth
+
+
+def read_attribute_columns(slide_id: str, path: Path, known: frozenset[str],
+                           ) -> tuple[tuple[str, ...], list[tuple[dict[str, str], tuple[int, ...]]]]:
+    """The anomaly-attribute columns of a truth CSV and, per row in file order, the row and its values.
+
+    An attribute column is any column besides ``known`` whose values are all 0/1 (``true``/``false``,
+    any case); an empty value is -1 (not annotated). Other columns (scores, comments) are not
+    attributes and are left out, logged once each. Returns ``((), [])`` when there is no file.
+    """
+    if not path.is_file():
+        return (), []
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = [c for c in (reader.fieldnames or []) if c and c.strip() not in known]
+        rows = list(reader)
+    names: list[str] = []
+    for column in header:
+        values = {(row.get(column) or "").strip().lower() for row in rows} - {""}
+        if values <= _YES | _NO and column.strip() not in names:
+            names.append(column)
+        elif values:
+            log.info("slide %s: column %r of %s is not 0/1 (%r ...): not an anomaly attribute", slide_id, column,
+                     path.name, sorted(values - _YES - _NO)[0])
+    out = []
+    for row in rows:
+        cells = [(row.get(column) or "").strip().lower() for column in names]
+        out.append((row, tuple(1 if v in _YES else 0 if v in _NO else -1 for v in cells)))
+    return tuple(c.strip() for c in names), out
 
 
 def read_crop(path: Path, name: str = "") -> np.ndarray:

@@ -25,7 +25,7 @@ import numpy as np
 from milhema.data.manifest import Slide
 from milhema.errors import MilhemaError
 from milhema.io import write_csv, write_text
-from milhema.slides.crops import IMAGE_SUFFIXES, CropFolder, list_crops, read_crop
+from milhema.slides.crops import IMAGE_SUFFIXES, CropFolder, list_crops, read_attribute_columns, read_crop
 from milhema.slides.detect import Detections, DetectOptions, match_points
 from milhema.slides.detectors import DEFAULT_DETECTOR, Detector, get_detector
 from milhema.slides.fields import FieldImage, list_fields
@@ -60,6 +60,8 @@ class CellSource:
     field: np.ndarray | None = None       # fields: int32 [N], the index in ``images`` of each cell's field
     field_names: tuple[str, ...] = ()     # fields: the image file names, in ``images`` order
     qc: str = ""
+    attribute_names: tuple[str, ...] = ()       # annotated anomaly attributes (truth files' 0/1 columns)
+    attribute_labels: np.ndarray | None = None  # int8 [N, A]: 1, 0, -1 (not annotated)
     _reading: int = dataclass_field(default=-1, repr=False)
 
     def __len__(self) -> int:
@@ -117,7 +119,9 @@ def open_source(slide: Slide, detections_dir: Path, crop_um: float, detector: st
         return CellSource(slide.slide_id, crops.cell_ids, np.full((n, 2), np.nan, np.float32), None,
                           None if crops.cell_types is None else list(crops.cell_types),
                           None if crops.diagnostic is None else np.array(crops.diagnostic, dtype=bool),
-                          slide.mpp, 0, paths=crops.paths, crops=crops)
+                          slide.mpp, 0, paths=crops.paths, crops=crops, attribute_names=crops.attribute_names,
+                          attribute_labels=None if crops.attribute_labels is None else
+                          np.array(crops.attribute_labels, np.int8).reshape(n, len(crops.attribute_names)))
     found_by = get_detector(detector)
     options = detect_options or DetectOptions()
     names: tuple[str, ...] = ()
@@ -153,10 +157,12 @@ def _cells(slide: Slide, images: list[WholeSlide], names: tuple[str, ...], found
     ids: list[str] = []
     types: list[list[str] | None] = []
     flags: list[np.ndarray | None] = []
+    attributes: list[tuple[tuple[str, ...], np.ndarray]] = []
     for k, (image, cells) in enumerate(zip(images, found, strict=True)):
         prefix = f"{names[k]}:" if names else ""   # positions repeat between fields, not within one
         ids += [f"{prefix}{round(float(x))}_{round(float(y))}" for x, y in cells.centres]
         cell_types, diagnostic = _attach_truth(image, cells)
+        attributes.append(_attach_attributes(image, cells))
         # A detector that classifies (QuPath's classes, say) names the types; truth files still flag cells.
         types.append(list(cells.cell_types) if cells.cell_types is not None else cell_types)
         flags.append(diagnostic)
@@ -171,11 +177,27 @@ def _cells(slide: Slide, images: list[WholeSlide], names: tuple[str, ...], found
     centres = np.concatenate([f.centres for f in found]) if found else np.zeros((0, 2))
     boxes = np.concatenate([f.bboxes for f in found]) if found else np.zeros((0, 4))
     field = np.concatenate([np.full(len(f), k, np.int32) for k, f in enumerate(found)]) if names else None
+    attribute_names, attribute_labels = _union_attributes(attributes)
     return CellSource(slide.slide_id, ids, centres.astype(np.float32).reshape(n, 2),
                       boxes.astype(np.int32).reshape(n, 4), cell_types, diagnostic, mpp,
                       max(8, int(round(crop_um / mpp))) if mpp else 0, images=tuple(images),
                       field=None if field is None else field.reshape(n), field_names=names,
-                      qc=_qc_line(slide.slide_id, found, qc, names, detector))
+                      qc=_qc_line(slide.slide_id, found, qc, names, detector), attribute_names=attribute_names,
+                      attribute_labels=attribute_labels)
+
+
+def _union_attributes(parts: list[tuple[tuple[str, ...], np.ndarray]]) -> tuple[tuple[str, ...], np.ndarray | None]:
+    """One ``[N, A]`` table over the attribute columns of every image's truth file (-1 where a file lacks one)."""
+    names = tuple(dict.fromkeys(name for part_names, _ in parts for name in part_names))
+    if not names:
+        return (), None
+    blocks = []
+    for part_names, labels in parts:
+        block = np.full((len(labels), len(names)), -1, np.int8)
+        for j, name in enumerate(part_names):
+            block[:, names.index(name)] = labels[:, j]
+        blocks.append(block)
+    return names, np.concatenate(blocks)
 
 
 def _qc_line(slide_id: str, found: list[Detections], qc: dict[str, float], names: tuple[str, ...],
@@ -245,6 +267,21 @@ def _read_detections(path: Path, qc: dict[str, float], n_images: int) -> list[De
         scores = np.array([float(r["score"]) for r in mine], np.float32)
         out.append(Detections(centres, boxes, scores, qc, [r["cell_type"] for r in mine] if typed else None))
     return out
+
+
+# Columns of a scan's truth file that are not anomaly attributes.
+_SCAN_TRUTH_COLUMNS = frozenset({"cell_id", "x", "y", "x0", "y0", "x1", "y1", "cell_type", "diagnostic"})
+
+
+def _attach_attributes(wsi: WholeSlide, found: Detections) -> tuple[tuple[str, ...], np.ndarray]:
+    """The truth file's anomaly attributes of the annotated cells the detections hit (-1 for the others)."""
+    names, rows = read_attribute_columns(wsi.slide_id, truth_path(wsi.path), _SCAN_TRUTH_COLUMNS)
+    labels = np.full((len(found), len(names)), -1, np.int8)
+    if names and rows:
+        xy, _, _ = read_scan_truth(truth_path(wsi.path), wsi.slide_id)
+        for t, f in match_points(xy, found.centres.astype(np.float64), MATCH_UM / wsi.mpp):
+            labels[f] = rows[t][1]
+    return names, labels
 
 
 def _attach_truth(wsi: WholeSlide, found: Detections) -> tuple[list[str] | None, np.ndarray | None]:

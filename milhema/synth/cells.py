@@ -22,6 +22,7 @@ granules, vacuoles shared by the cell types), this module (the cell types, :func
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -63,6 +64,11 @@ CELL_TYPES: tuple[str, ...] = (
     "hypogranular_neutrophil", "pseudo_pelger", "vacuolated_neutrophil", "vacuolated_monocyte",
     "reactive_lymphocyte", "smudge",
 )
+
+# Anomaly attributes a rendered cell may show (the attribute columns of the simulated truth), and the
+# granularity (1 = normal) under which a neutrophil reads as hypogranular.
+CELL_ATTRIBUTES: tuple[str, ...] = ("vacuoles", "hypogranular", "pseudo_pelger", "auer_rod")
+_HYPOGRANULAR_BELOW = 0.5
 
 # Red cells are pushed aside by a white cell but the cytoplasm is translucent: how much of the
 # background OD a fully covering cell hides.
@@ -130,8 +136,13 @@ def _hypogranular(rng: np.random.Generator, mpp: float) -> _CellRender:
     return _neutrophil_family(rng, mpp, nucleus="lobed", granularity=rng.uniform(0.0, 0.15))
 
 
+def _pelger_granularity(rng: np.random.Generator) -> float:
+    """Half of pseudo-Pelger cells are also degranulated (as in MDS), the first draws of their rendering."""
+    return float(rng.uniform(0.05, 0.4) if rng.random() < 0.5 else rng.uniform(0.7, 1.0))
+
+
 def _pseudo_pelger(rng: np.random.Generator, mpp: float) -> _CellRender:
-    g = rng.uniform(0.05, 0.4) if rng.random() < 0.5 else rng.uniform(0.7, 1.0)
+    g = _pelger_granularity(rng)
     return _neutrophil_family(rng, mpp, nucleus="pelger", granularity=g, diameter=(10.5, 14.0),
                               chromatin=1.25, clump=0.42)
 
@@ -379,6 +390,25 @@ _BUILDERS: dict[str, Callable[[np.random.Generator, float], _CellRender]] = {
     "smudge": _smudge,
 }
 assert tuple(_BUILDERS) == CELL_TYPES
+
+
+def cell_attributes(cell_type: str, rng: np.random.Generator) -> tuple[int, ...]:
+    """0/1 for each of :data:`CELL_ATTRIBUTES`: what the cell of ``cell_type`` that is rendered next from
+    ``rng`` (:func:`render_cell_od`, :func:`~milhema.synth.crop.render_crop`, a scan's cell) will show.
+
+    ``rng`` is not advanced: a copy replays the draws that decide (a pseudo-Pelger cell's granularity),
+    so the images stay the same whether or not this is called. Vacuoles, the pseudo-Pelger nucleus and
+    Auer rods belong to their types (``vacuolated_*``, ``pseudo_pelger``, ``blast_auer``); hypogranular
+    cytoplasm to ``hypogranular_neutrophil`` and the degranulated half of pseudo-Pelger cells.
+    """
+    _check_type(cell_type)
+    if cell_type == "pseudo_pelger":
+        hypogranular = _pelger_granularity(copy.deepcopy(rng)) < _HYPOGRANULAR_BELOW
+    else:
+        hypogranular = cell_type == "hypogranular_neutrophil"
+    shown = {"vacuoles": cell_type in ("vacuolated_neutrophil", "vacuolated_monocyte"), "hypogranular": hypogranular,
+             "pseudo_pelger": cell_type == "pseudo_pelger", "auer_rod": cell_type == "blast_auer"}
+    return tuple(int(shown[name]) for name in CELL_ATTRIBUTES)
 
 
 def _check_type(cell_type: str) -> None:

@@ -4,12 +4,13 @@ Layout of ``out``::
 
     patients.csv  slides.csv  synth.json  (patients.csv: label, age, sex, CBC, follow-up time/event)
     slides/<slide_id>/<cell_id>.png      RGB crops (CellaVision-style export)
-    slides/<slide_id>/cells.csv          truth: cell_id, cell_type, diagnostic
+    slides/<slide_id>/cells.csv          truth: cell_id, cell_type, diagnostic, then 0/1 per anomaly attribute
 
 or, with ``wsi=True``, one scanned smear per slide::
 
     slides/<slide_id>.tiff               pyramidal tiled JPEG TIFF, mpp in the resolution tags
-    slides/<slide_id>.cells.csv          truth: cell_id, x, y, x0, y0, x1, y1 (level-0 px), cell_type, diagnostic
+    slides/<slide_id>.cells.csv          truth: cell_id, x, y, x0, y0, x1, y1 (level-0 px), cell_type, diagnostic,
+                                         then 0/1 per anomaly attribute (vacuoles, hypogranular, pseudo_pelger, auer_rod)
 
 Every random draw comes from a generator seeded by (seed, patient, slide), so the same seed
 gives a byte-identical cohort whatever the number of worker processes.
@@ -33,6 +34,7 @@ from milhema.errors import MilhemaError
 from milhema.io import atomic_folder, write_csv, write_text
 from milhema.slides.wsi import TRUTH_SUFFIX
 from milhema.synth.cbc import CBC_COLUMNS, sample_cbc
+from milhema.synth.cells import CELL_ATTRIBUTES, cell_attributes
 from milhema.synth.composition import (
     DIFFICULTIES,
     DiseaseState,
@@ -42,7 +44,7 @@ from milhema.synth.composition import (
 )
 from milhema.synth.crop import render_crop
 from milhema.synth.outcome import sample_follow_up
-from milhema.synth.smear import TRUTH_HEADER, default_size, plan_smear, write_smear
+from milhema.synth.smear import TRUTH_HEADER, cell_rng, default_size, plan_smear, write_smear
 from milhema.synth.stain import Stain
 from milhema.version import __version__
 
@@ -163,11 +165,12 @@ def _render_slide(job: SlideJob, root: Path) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (cell_type, diagnostic) in enumerate(cells):
+        attributes = cell_attributes(cell_type, rng)   # before rendering: what the next draws will show
         rgb, _ = render_crop(cell_type, rng, stain, size=job.crop_px)
         cell_id = f"cell_{i:04d}.png"
         Image.fromarray(rgb).save(folder / cell_id, format="PNG", compress_level=6)
-        rows.append((cell_id, cell_type, int(diagnostic)))
-    write_csv(folder / "cells.csv", ["cell_id", "cell_type", "diagnostic"], rows)
+        rows.append((cell_id, cell_type, int(diagnostic), *attributes))
+    write_csv(folder / "cells.csv", ["cell_id", "cell_type", "diagnostic", *CELL_ATTRIBUTES], rows)
     return len(cells)
 
 
@@ -179,7 +182,9 @@ def _render_scan(job: SlideJob, root: Path, stain: Stain, cells: Sequence[tuple[
         raise MilhemaError(f"slide {job.slide_id}: {exc} (--wsi-size {size})") from None
     (root / "slides").mkdir(parents=True, exist_ok=True)
     rows = write_smear(root / "slides" / f"{job.slide_id}.tiff", spec)
-    write_csv(root / "slides" / f"{job.slide_id}{TRUTH_SUFFIX}", TRUTH_HEADER, rows)
+    rows = [(*row, *cell_attributes(cell.cell_type, cell_rng(spec, i))) for i, (row, cell) in
+            enumerate(zip(rows, spec.cells, strict=True))]
+    write_csv(root / "slides" / f"{job.slide_id}{TRUTH_SUFFIX}", [*TRUTH_HEADER, *CELL_ATTRIBUTES], rows)
     return len(cells)
 
 

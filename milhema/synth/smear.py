@@ -93,6 +93,11 @@ class SmearSpec:
         return np.array([_DIAMETER_UM.get(c.cell_type, 16.0) / 2.0 / self.mpp for c in self.cells])
 
 
+def cell_rng(spec: SmearSpec, index: int) -> np.random.Generator:
+    """The generator white cell ``index`` of ``spec`` is rendered from (whichever block draws it)."""
+    return np.random.default_rng([*spec.seed, _STREAM_CELL, index])
+
+
 def default_size(n_cells: int, mpp: float, um2_per_cell: float = 8000.0) -> int:
     """Side (px) of a square slide holding ``n_cells`` white cells at a typical smear density."""
     return max(1024, int(math.ceil(math.sqrt(n_cells * um2_per_cell) / mpp / TILE_PX)) * TILE_PX)
@@ -217,7 +222,7 @@ def render_block(spec: SmearSpec, x0: int, y0: int, w: int, h: int) -> tuple[np.
             & (spec.centres[:, 1] > cy0 - half) & (spec.centres[:, 1] < cy0 + ch + half))
     for index in map(int, np.flatnonzero(near)):
         cell = spec.cells[index]
-        rng = np.random.default_rng([*spec.seed, _STREAM_CELL, index])
+        rng = cell_rng(spec, index)
         r = _render_cell(cell.cell_type, rng, mpp)
         px, py = round(cell.x) - cx0, round(cell.y) - cy0
         if r.hug:

@@ -85,6 +85,7 @@ class CvPlan:
     @classmethod
     def build(cls, settings: Settings, cohort: Cohort, bags: Path | None) -> CvPlan:
         prepared = prepare(settings, cohort, bags)
+        cohort = prepared.cohort   # with the patient features computed from the bags
         ids = prepared.ids
         y = cohort.labels(ids)
         time_, event = cohort.follow_up(ids)
@@ -174,7 +175,7 @@ def _fold_model(plan: CvPlan, split: FoldSplit, run: RunFolder, folds_done: CvPr
     model, _ = train_model(plan.settings, prep.store, prep.spec, split.train, split.val, device, log, progress,
                            desc=f"repeat {split.repeat} fold {split.fold}", ranks=ranks, seed=seed)
     save_checkpoint(checkpoint, model, model.spec,
-                    {"bags": bag_meta(prep.info), "repeat": split.repeat, "fold": split.fold, "seed": seed,
+                    {"bags": bag_meta(prep.info, prep.cell_classifier), "repeat": split.repeat, "fold": split.fold, "seed": seed,
                      "test_patients": split.test, "train_patients": split.train, "val_patients": split.val})
     folds_done.finish(split)
     return model
@@ -448,6 +449,7 @@ def run_cv(settings: Settings, cohort: Cohort, bags: str | Path | None, out: str
         return finished
     resuming = resume and run_state(out)[0] == "interrupted"
     plan = CvPlan.build(settings, cohort, bags)
+    cohort = plan.cohort
     device, ranks = start_devices(settings)
     progress = progress and ranks.is_main
     started = time.perf_counter()

@@ -21,6 +21,14 @@ import yaml
 from milhema.config import settings_from_mapping
 from milhema.data.manifest import Cohort
 from milhema.device import resolve_device
+from milhema.differential import (
+    ANOMALY_HEADER,
+    DIFFERENTIAL_HEADER,
+    SlidePredictions,
+    differential_rows,
+    read_slide_predictions,
+    with_differential,
+)
 from milhema.errors import MilhemaError
 from milhema.io import atomic_folder, check_new_folder, write_csv, write_text
 from milhema.settings import Settings
@@ -129,9 +137,11 @@ def load_run(run: str | Path, cohort: Cohort, bags: str | Path | None, patient_i
         raise CheckpointError(f"{run}/checkpoints holds no checkpoint")
     settings = run_settings(run)
     info = inspect_bags(cohort, bags, patient_ids, settings.data.feature_blocks)
+    cohort, cell_classifier = with_differential(cohort, bags, patient_ids)
     models = [load_checkpoint(stem) for stem in stems]
     for (_, meta), stem in zip(models, stems, strict=True):
         check_compatible(meta, info, f"{run.name}/checkpoints/{stem.name}")
+        _same_cell_classifier(meta, cell_classifier, f"{run.name}/checkpoints/{stem.name}")
     classes = models[0][1]["spec"]["classes"]
     for _, meta in models:
         check_inputs(meta["spec"], info, patient_ids)
@@ -149,6 +159,14 @@ def load_run(run: str | Path, cohort: Cohort, bags: str | Path | None, patient_i
             raise MilhemaError(f"{signatures_file}: unreadable ({type(exc).__name__}); restore it from the run, "
                                "or pass --ensemble") from exc
     return LoadedRun(run, settings, models, classes, store, info, signatures)
+
+
+def _same_cell_classifier(meta: Mapping[str, Any], found: str | None, where: str) -> None:
+    """Refuse a predicted differential from another cell classifier than the one the model was trained on."""
+    trained = meta["bags"].get("cell_classifier_sha256")
+    if trained and found and trained != found:
+        raise CheckpointError(f"the model in {where} read the differential of cell classifier {trained[:12]} but these "
+                              f"bags were predicted by {found[:12]}; run milhema cells predict with the same cells run")
 
 
 def predict_run(loaded: LoadedRun, patient_ids: Sequence[str], device: torch.device,
@@ -199,6 +217,9 @@ def run_predict(run: str | Path, cohort: Cohort, bags: str | Path | None, out: s
     ids = cohort.patient_ids
     loaded = load_run(run, cohort, bags, ids)
     classes, store = loaded.classes, loaded.store
+    cohort = store.cohort   # with the patient features computed from the bags
+    bags = None if bags is None else Path(bags)
+    differential = read_slide_predictions(cohort, bags, ids, required=False)
     result = predict_run(loaded, ids, resolve_device(device), ensemble)
     counts = result.counts
     probs = np.array([result.probs[p] for p in ids])
@@ -221,6 +242,8 @@ def run_predict(run: str | Path, cohort: Cohort, bags: str | Path | None, out: s
         for pid in ids:
             write_cell_scores(tmp / "cell_scores", store.get(pid), result.cell_scores[pid],
                               result.class_cell_scores[pid], classes)
+        if differential:
+            write_differential(tmp, differential, cohort)
         metrics = validation_metrics(loaded, cohort, ids, probs, result.counts, ensemble)
         if metrics is not None:
             write_text(tmp / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -228,6 +251,15 @@ def run_predict(run: str | Path, cohort: Cohort, bags: str | Path | None, out: s
             classification_figure(cohort.labels([ids[i] for i in labelled]), probs[labelled], classes,
                                   tmp / "classification.png", f"{len(labelled)} labelled patients, run {loaded.run.name}")
     return {"patient_ids": np.array(ids, dtype=object), "probs": probs, "metrics": metrics}
+
+
+def write_differential(folder: Path, found: Mapping[str, list[SlidePredictions]], cohort: Cohort) -> None:
+    """differential.csv (and anomalies.csv when the classifier has an anomaly head): the predicted
+    differential per patient and slide with 95 % intervals (:mod:`milhema.differential`)."""
+    diff, anomalies = differential_rows(dict(found), cohort)
+    write_csv(folder / "differential.csv", list(DIFFERENTIAL_HEADER), diff)
+    if anomalies:
+        write_csv(folder / "anomalies.csv", list(ANOMALY_HEADER), anomalies)
 
 
 def validation_metrics(loaded: LoadedRun, cohort: Cohort, ids: Sequence[str], probs: np.ndarray,

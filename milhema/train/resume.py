@@ -44,8 +44,9 @@ PROGRESS_FILE = "resume.json"
 FOLDS_DIR = "folds"
 DONE_FILE = "done.json"
 FORMAT = "milhema-cv-progress"
-# Sections that never change a fold's model or predictions: they may differ on resume.
-_NEUTRAL_SECTIONS = ("tracking",)
+# Sections that never change a fold's model or predictions: they may differ on resume (`cells` trains the
+# cell classifier, a separate run whose predictions reach cv through the bags, fingerprinted with them).
+_NEUTRAL_SECTIONS = ("tracking", "cells")
 # How bags are loaded never changes the results (tested): a resumed run may stream or use workers.
 _NEUTRAL_KEYS = ("data.cache", "data.workers")
 RUN_HINT = "choose another folder or pass --overwrite to replace it (--resume continues an interrupted run)"

@@ -22,6 +22,7 @@ from sklearn.model_selection import train_test_split
 from milhema.config import dump_config
 from milhema.data.manifest import Cohort
 from milhema.device import resolve_device
+from milhema.differential import with_differential
 from milhema.errors import MilhemaError
 from milhema.io import atomic_folder, check_new_folder, write_text
 from milhema.settings import Settings
@@ -46,12 +47,16 @@ class Prepared:
     """What a run trains on: the bags, their description, the model spec and the usable patients.
 
     ``ids`` are the labelled patients (or, for survival alone, the followed ones) in cohort order.
+    ``cohort`` is the cohort with its bag-derived patient features (``diff_*``, ``anomaly_*``) filled
+    in, and ``cell_classifier`` the fingerprint of the cell classifier they come from (None without).
     """
 
     store: BagStore
     info: BagInfo
     spec: dict[str, Any]
     ids: list[str]
+    cohort: Cohort
+    cell_classifier: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,9 @@ def prepare(settings: Settings, cohort: Cohort, bags: Path | None) -> Prepared:
             raise MilhemaError(f"survival needs follow-up: {len(followed)} patients have time/event in "
                                f"patients.csv and {events} had the event (at least 4 and 2)")
     info = inspect_bags(cohort, bags, ids, settings.data.feature_blocks)
+    # The predicted differential as patient features, from the bags (a cell classifier trained on cell
+    # annotations, never on these labels): computed here, before any split.
+    cohort, cell_classifier = with_differential(cohort, bags, ids)
     views = resolve_views(cohort, settings.data.views)
     store = BagStore(cohort, bags, views, cache=settings.data.cache, columns=info.columns, n_cells=info.n_cells,
                      feature_dim=info.feature_dim)
@@ -86,7 +94,7 @@ def prepare(settings: Settings, cohort: Cohort, bags: Path | None) -> Prepared:
     if "n_views" in spec["params"]:  # a model that tells views apart must know every slide's view
         check_views(cohort, ids, views)
     check_inputs(spec, info, ids)
-    return Prepared(store, info, spec, ids)
+    return Prepared(store, info, spec, ids, cohort, cell_classifier)
 
 
 def fold_seed(seed: int, repeat: int, fold: int) -> int:
@@ -199,10 +207,12 @@ def history_writer(path: Path, tracker: Tracker, prefix: str = "", **keys: Any) 
     return log
 
 
-def bag_meta(info: BagInfo) -> dict[str, Any]:
-    """What a checkpoint records of the bags it was trained on (checked by ``predict``)."""
-    return {"backbone": info.backbone, "weights_sha256": info.weights_sha256, "feature_dim": info.feature_dim,
+def bag_meta(info: BagInfo, cell_classifier: str | None = None) -> dict[str, Any]:
+    """What a checkpoint records of the bags it was trained on (checked by ``predict``), with the cell
+    classifier whose predicted differential it reads, if any."""
+    meta = {"backbone": info.backbone, "weights_sha256": info.weights_sha256, "feature_dim": info.feature_dim,
             "columns": None if info.columns is None else list(info.columns)}
+    return meta | ({"cell_classifier_sha256": cell_classifier} if cell_classifier else {})
 
 
 def metrics_header(settings: Settings, spec: Mapping[str, Any], classes: Sequence[str]) -> dict[str, Any]:
@@ -248,6 +258,7 @@ def run_train(settings: Settings, cohort: Cohort, bags: str | Path | None, out: 
     bags = None if bags is None else Path(bags)
     check_new_folder(out, overwrite=overwrite, what="run folder")
     prep = prepare(settings, cohort, bags)
+    cohort = prep.cohort
     loss, t = settings.loss, settings.train
     _, event = cohort.follow_up(prep.ids)
     strata = cohort.labels(prep.ids) if loss.has_classification else event_strata(event, 2)
@@ -258,7 +269,7 @@ def run_train(settings: Settings, cohort: Cohort, bags: str | Path | None, out: 
                                      history_writer(run.path / "history.jsonl", run.tracker),
                                      progress and ranks.is_main, desc=f"train {prep.spec['model']}", ranks=ranks)
         save_checkpoint(run.path / "checkpoints" / "model", model, model.spec,
-                        {"bags": bag_meta(prep.info), "test_patients": [], "train_patients": train_ids,
+                        {"bags": bag_meta(prep.info, prep.cell_classifier), "test_patients": [], "train_patients": train_ids,
                          "val_patients": val_ids})
         val = predict(model, prep.store.many(val_ids), t.batch_size, device=device, ranks=ranks)
         val_y = cohort.labels(val_ids)
