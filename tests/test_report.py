@@ -4,14 +4,20 @@ no ranking where the scores are nearly uniform."""
 
 from __future__ import annotations
 
+import colorsys
+import io
 import math
+from itertools import combinations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from milhema.data.cbc import cbc_flag, is_cbc_quantity, normalise_sex, reference_range
 from milhema.data.differential import differential, wilson_interval
+from milhema.explain import figures
 from milhema.explain.scores import score_contrast
+from milhema.synth.cells import CELL_TYPES
 
 
 @pytest.mark.parametrize("raw", ["F", "f", "female", "Female", "W", "w", "weiblich", "Frau", "femme", "Féminin", " F "])
@@ -108,3 +114,62 @@ def test_nearly_uniform_attention_is_not_a_ranking() -> None:
     assert not score_contrast(rng.uniform(-0.004, 0.006, 30), "occlusion").singled_out
     assert score_contrast(np.r_[rng.uniform(-0.004, 0.006, 29), -0.03], "occlusion").singled_out
     assert not score_contrast(np.array([1.0]), "attention").singled_out
+
+
+def _solid_thumbnails(n: int, size: int = 64) -> np.ndarray:
+    """Cell i is a flat tile of a colour no other cell (and no label or background) has."""
+    colours = np.stack([np.array([20 + 9 * (i % 23), 30 + 7 * (i // 23), 200 - 3 * i]) for i in range(n)])
+    return np.broadcast_to(colours[:, None, None, :].astype(np.uint8), (n, size, size, 3)).copy()
+
+
+def _pixels_per_cell(png: bytes, thumbnails: np.ndarray) -> np.ndarray:
+    image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).reshape(-1, 3)
+    return np.array([int(np.all(image == t[0, 0], axis=1).sum()) for t in thumbnails])
+
+
+def test_gallery_never_shows_a_cell_twice_and_draws_tiles_at_a_whole_scale() -> None:
+    n = 22
+    thumbs = _solid_thumbnails(n)
+    scores = np.random.default_rng(1).dirichlet(np.ones(n))
+    png = figures.gallery(thumbs, scores, np.array(["neutrophil"] * n, object), 16, "P1 (attention)")
+    counts = _pixels_per_cell(png, thumbs)
+    scale = figures.tile_scale(64)
+    assert scale == 2
+    # Each cell shown is one exact, unblurred 128 x 128 tile; 11 highest + 11 lowest = every cell once.
+    assert set(counts.tolist()) == {(64 * scale) ** 2}
+    image = Image.open(io.BytesIO(png))
+    assert image.width <= figures.MAX_WIDTH_PX and figures.LABEL_PT >= 8
+    assert figures.gallery_k(22, 16) == 11 and figures.gallery_k(1, 16) == 1 and figures.gallery_k(100, 16) == 16
+    # A one-cell bag has a "highest" section only.
+    one = figures.gallery(thumbs[:1], np.array([1.0]), None, 16, "P2")
+    assert _pixels_per_cell(one, thumbs[:1]).tolist() == [(64 * scale) ** 2]
+    # Not ranked: k cells spread over the bag, each once.
+    flat = figures.gallery(thumbs, np.full(n, 1 / n), None, 16, "P3", ranked=False)
+    shown = _pixels_per_cell(flat, thumbs)
+    assert (shown > 0).sum() == 16 and set(shown[shown > 0].tolist()) == {(64 * scale) ** 2}
+
+
+def _hue(colour: str) -> float:
+    r, g, b = (int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    return colorsys.rgb_to_hsv(r, g, b)[0] * 360
+
+
+def test_cell_types_have_fixed_distinct_colours() -> None:
+    colours = {t: figures.type_colour(t) for t in CELL_TYPES}
+    assert len(set(colours.values())) == len(CELL_TYPES)
+    for a, b in [("band", "blast"), ("lymphocyte", "eosinophil"), ("neutrophil", "blast"),
+                 ("monocyte", "lymphocyte")]:
+        gap = abs(_hue(colours[a]) - _hue(colours[b]))
+        assert min(gap, 360 - gap) > 60, (a, b)
+    for a, b in combinations(CELL_TYPES, 2):
+        ca, cb = (np.array([int(colours[t][i:i + 2], 16) for i in (1, 3, 5)]) for t in (a, b))
+        assert np.abs(ca - cb).sum() > 60, (a, b)
+    assert figures.type_colour("my_custom_type") == figures.type_colour("my_custom_type")
+    # The overview draws each type in its colour.
+    feats = np.random.default_rng(2).normal(size=(200, 4))
+    types = np.array(["band", "blast"] * 100, object)
+    png = figures.overview(feats, np.linspace(1, 100, 200), types, "two types")
+    image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).reshape(-1, 3)
+    for name in ("band", "blast"):
+        rgb = [int(figures.type_colour(name)[i:i + 2], 16) for i in (1, 3, 5)]
+        assert (np.abs(image.astype(int) - rgb).sum(axis=1) <= 3).sum() > 50, name
