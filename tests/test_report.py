@@ -16,6 +16,8 @@ from PIL import Image
 from milhema.data.cbc import cbc_flag, is_cbc_quantity, normalise_sex, reference_range
 from milhema.data.differential import differential, wilson_interval
 from milhema.explain import figures
+from milhema.explain.report import ReportContent, render_report
+from milhema.explain.run import class_gallery_k, features_used
 from milhema.explain.scores import score_contrast
 from milhema.synth.cells import CELL_TYPES
 
@@ -83,7 +85,7 @@ def test_differential_counts_white_cells_and_flags_who_icc_thresholds() -> None:
     assert blasts.group and blasts.n == 7 and blasts.flag == "AML range" and blasts.threshold == 20
     assert blasts.below_in_ci                       # 29 % of 24 cells: the interval reaches below 20 %
     assert rows["blast_auer"].flag == "Auer rods"
-    dysplasia = rows["dysplastic neutrophils (hypogranular_neutrophil) of neutrophils"]
+    dysplasia = rows["dysplastic neutrophils (hypogranular_neutrophil), % of neutrophils"]
     assert (dysplasia.n, dysplasia.of, dysplasia.flag) == (3, 17, "dysplasia")
     # 1 blast in 60 cells (1.7 %) is under every blast threshold; 2 in 60 (3.3 %) is MDS-IB1's range.
     one = {r.name: r for r in differential(["neutrophil"] * 59 + ["blast"])}
@@ -173,3 +175,40 @@ def test_cell_types_have_fixed_distinct_colours() -> None:
     for name in ("band", "blast"):
         rgb = [int(figures.type_colour(name)[i:i + 2], 16) for i in (1, 3, 5)]
         assert (np.abs(image.astype(int) - rgb).sum(axis=1) <= 3).sum() > 50, name
+
+
+def _content(**extra: object) -> ReportContent:
+    base: dict[str, object] = dict(patient_id="P1", classes=["reactive", "AML"], probs=np.array([0.3, 0.7]),
+                                   label="AML", cbc={"wbc": 3.1, "hb": 12.5}, method="attention", run="runs/x",
+                                   model="abmil", fusion="late", features="morphology (16) features per cell (16)",
+                                   date="2026-01-01", n_cells=25, n_models=1)
+    return ReportContent(**(base | extra))  # type: ignore[arg-type]
+
+
+def test_report_header_shows_sex_and_age_and_uses_them() -> None:
+    woman = render_report(_content(sex="W", age=45.0))
+    assert "female, 45 years" in woman and "12–16 g/dL (women)" in woman
+    assert '<td class="num low">12.5</td>' not in woman and '<td class="num low">3.1</td>' in woman
+    man = render_report(_content(sex="M", age=45.0))
+    assert "male, 45 years" in man and '<td class="num low">12.5</td>' in man
+    child = render_report(_content(sex="F", age=9.0))
+    assert "9 years (child: adult CBC ranges not applied)" in child and "not applied under 18" in child
+    assert 'class="num low"' not in child
+    unknown = render_report(_content())
+    assert "sex not given, age not given" in unknown and "(either sex)" in unknown
+
+
+def test_features_used_names_the_blocks_the_model_read() -> None:
+    used, text = features_used(["morphology"], "timm/resnet18:512,morphology:16", "timm/resnet18", 16)
+    assert used == ["morphology"]
+    assert text.startswith("morphology (16)") and "not read: timm/resnet18 (512)" in text
+    used, text = features_used(None, "timm/resnet18:512,morphology:16", "timm/resnet18", 528)
+    assert used == ["timm/resnet18", "morphology"] and "not read" not in text and "(528)" in text
+    assert features_used(None, "", "ctranspath", 768) == (["ctranspath"], "ctranspath (768 features per cell)")
+
+
+def test_class_galleries_are_sized_so_classes_need_not_share_cells() -> None:
+    assert class_gallery_k(25, 2, 16) == 12
+    assert class_gallery_k(25, 4, 16) == 6
+    assert class_gallery_k(500, 4, 16) == 16
+    assert class_gallery_k(3, 4, 16) == 1

@@ -142,7 +142,9 @@ def differential(cell_types: Iterable[str]) -> list[DifferentialRow]:
         n = sum(counts[t] for t in present)
         of = counted if measure.of is None else sum(counts.get(t, 0) for t in measure.of)
         label = f"{measure.name} ({' + '.join(present)})"
-        if measure.of is not None:
-            label += " of neutrophils" if measure.of == _NEUTROPHIL_LINEAGE else f" of {' + '.join(measure.of)}"
+        if measure.of == _NEUTROPHIL_LINEAGE:
+            label = f"{measure.name} ({' + '.join(present)}), % of neutrophils"
+        elif measure.of is not None:
+            label = f"{measure.name} ({' + '.join(present)}), % of {' + '.join(measure.of)}"
         groups.append(_flagged(_share(label, n, of, group=True), measure))
     return [*rows.values(), *groups]
