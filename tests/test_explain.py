@@ -157,7 +157,7 @@ def test_html_report_is_one_self_contained_file(attention_out: Path) -> None:
     # P01's sex is "W" (weiblich): her Hb is read against the women's range, and the header says who she is.
     assert "female, 34 years" in text and "12–16 g/dL (women)" in text and "13.5–17.5" not in text
     # The model read both blocks of the bags, and the header says so (not just "backbone test/planted").
-    assert "features read: test/planted (5) + marker (1) features per cell (6)" in text
+    assert "features read: test/planted (5) + marker (1) = 6 features per cell" in text
     # The differential sits beside the CBC, before the figures.
     assert text.index("Blood count and patient features") < text.index("formule leucocytaire") \
         < text.index("Where the model looked")
@@ -195,7 +195,7 @@ def test_header_names_the_feature_blocks_the_model_read(planted: tuple[Path, Pat
     summary = _explain(run, planted, tmp_path / "att", "--patient", "P01")
     assert summary["feature_blocks"] == ["marker"] and summary["backbone"] == "test/planted"
     text = (tmp_path / "att" / "P01" / "report.html").read_text(encoding="utf-8")
-    assert "features read: marker (1) features per cell (1); not read: test/planted (5)" in text
+    assert "features read: marker (1 feature per cell); not read: test/planted (5)" in text
     assert "backbone test/planted" not in text
 
 

@@ -180,7 +180,7 @@ def test_cell_types_have_fixed_distinct_colours() -> None:
 def _content(**extra: object) -> ReportContent:
     base: dict[str, object] = dict(patient_id="P1", classes=["reactive", "AML"], probs=np.array([0.3, 0.7]),
                                    label="AML", cbc={"wbc": 3.1, "hb": 12.5}, method="attention", run="runs/x",
-                                   model="abmil", fusion="late", features="morphology (16) features per cell (16)",
+                                   model="abmil", fusion="late", features="morphology (16 features per cell)",
                                    date="2026-01-01", n_cells=25, n_models=1)
     return ReportContent(**(base | extra))  # type: ignore[arg-type]
 
@@ -201,9 +201,9 @@ def test_report_header_shows_sex_and_age_and_uses_them() -> None:
 def test_features_used_names_the_blocks_the_model_read() -> None:
     used, text = features_used(["morphology"], "timm/resnet18:512,morphology:16", "timm/resnet18", 16)
     assert used == ["morphology"]
-    assert text.startswith("morphology (16)") and "not read: timm/resnet18 (512)" in text
+    assert text == "morphology (16 features per cell); not read: timm/resnet18 (512) (data.feature_blocks: morphology)"
     used, text = features_used(None, "timm/resnet18:512,morphology:16", "timm/resnet18", 528)
-    assert used == ["timm/resnet18", "morphology"] and "not read" not in text and "(528)" in text
+    assert used == ["timm/resnet18", "morphology"] and text == "timm/resnet18 (512) + morphology (16) = 528 features per cell"
     assert features_used(None, "", "ctranspath", 768) == (["ctranspath"], "ctranspath (768 features per cell)")
 
 

@@ -102,14 +102,21 @@ def features_used(blocks: Sequence[str] | None, layout: str, backbone: str,
         name, _, size = item.rpartition(":")
         parsed.append((name, int(size)) if size.isdigit() else (item, 0))
     if not parsed:
-        return [backbone], f"{backbone} ({feature_dim} features per cell)"
+        return [backbone], f"{backbone} ({_per_cell(feature_dim)})"
     used = [(n, d) for n, d in parsed if not blocks or n in blocks]
     unused = [(n, d) for n, d in parsed if blocks and n not in blocks]
-    text = " + ".join(f"{n} ({d})" for n, d in used) + f" features per cell ({sum(d for _, d in used)})"
+    if len(used) == 1:
+        text = f"{used[0][0]} ({_per_cell(used[0][1])})"
+    else:
+        text = " + ".join(f"{n} ({d})" for n, d in used) + f" = {_per_cell(sum(d for _, d in used))}"
     if unused:
         text += ("; not read: " + ", ".join(f"{n} ({d})" for n, d in unused)
                  + " (data.feature_blocks: " + ", ".join(blocks or []) + ")")
     return [n for n, _ in used], text
+
+
+def _per_cell(n: int) -> str:
+    return f"{n} feature{'' if n == 1 else 's'} per cell"
 
 
 def _pct(value: float) -> str:
