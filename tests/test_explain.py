@@ -178,6 +178,10 @@ def test_differential_file_and_summary(attention_out: Path, planted: tuple[Path,
         assert float(rows["neutrophil"]["percent"]) == pytest.approx(100 * types.count("neutrophil") / n, abs=0.01)
         low, high = float(rows["neutrophil"]["ci95_low"]), float(rows["neutrophil"]["ci95_high"])
         assert low <= float(rows["neutrophil"]["percent"]) <= high and high - low > 5   # a few dozen cells: wide
+        if summary["patients"][pid]["scores"]["singled_out"]:   # the types of the 4 most attended cells
+            assert sum(int(r["in_top_k"] or 0) for r in rows.values()) == int(rows["neutrophil"]["top_k"]) == 4
+        else:
+            assert rows["neutrophil"]["in_top_k"] == ""
         entry = summary["patients"][pid]
         assert {r["cell_type"]: r["n"] for r in entry["differential"]} == {k: int(r["n"]) for k, r in rows.items()}
         assert entry["sex"] == "F" and entry["scores"]["singled_out"] in (True, False)

@@ -79,13 +79,14 @@ def differential_rows(rows: Sequence[DifferentialRow], top: Mapping[str, int] | 
     """Header and rows of ``differential.csv``: the patient's differential (see
     :func:`milhema.data.differential.differential`), with the cells of each type among the ``k``
     most attended where the scores single out cells (``top``; None: the column stays empty)."""
-    header = ["cell_type", "group", "n", "of", "percent", "ci95_low", "ci95_high", f"in_top_{k}", "flag", "meaning"]
+    header = ["cell_type", "group", "n", "of", "percent", "ci95_low", "ci95_high", "top_k", "in_top_k", "flag",
+              "meaning"]
     out: list[list[object]] = []
     for r in rows:
         name = "" if r.name == NO_TYPE else r.name
         in_top = "" if top is None or r.group else top.get(name, 0)
         out.append([r.name, "yes" if r.group else "", r.n, r.of, _pct(r.percent), _pct(r.ci_low), _pct(r.ci_high),
-                    in_top, r.flag, r.meaning])
+                    k if top is not None else "", in_top, r.flag, r.meaning])
     return header, out
 
 
