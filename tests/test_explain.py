@@ -20,14 +20,21 @@ BASE = ["--set", "data.classes=[reactive, AML]", "--set", "data.patient_features
 
 
 def _planted(root: Path, n_patients: int = 16, dim: int = 6, seed: int = 0) -> tuple[Path, Path]:
-    """AML patients hold exactly one planted cell with feature 0 = 5 (others ~N(0, 1)); even patients have 2 slides."""
+    """AML patients hold exactly one planted cell with feature 0 = 5 (others ~N(0, 1)); even patients have 2 slides.
+
+    Bags record two feature blocks (``test/planted`` 5 columns, ``marker`` 1); patients.csv has
+    ``age`` and ``sex`` in several spellings (P01: "W", German for female, 34 years; P05: 12 years).
+    """
     rng = np.random.default_rng(seed)
     cohort, bags = root / "cohort", root / "bags"
     (cohort / "src").mkdir(parents=True)
-    patients, slides = ["patient_id,label,wbc,hb"], ["slide_id,patient_id,source,view"]
+    patients, slides = ["patient_id,label,wbc,hb,age,sex"], ["slide_id,patient_id,source,view"]
+    sexes = ["F", "W", "m", "female", "M", "", "male", "f"]
     for i in range(n_patients):
         label = CLASSES[i % 2]
-        patients.append(f"P{i:02d},{label},{rng.lognormal(1.8, 0.4):.2f},{rng.normal(14, 2):.1f}")
+        age = 12 if i == 5 else 34 if i == 1 else 40 + 3 * i
+        patients.append(f"P{i:02d},{label},{rng.lognormal(1.8, 0.4):.2f},{rng.normal(14, 2):.1f},{age},"
+                        f"{sexes[i % len(sexes)]}")
         n_slides = 2 if i % 4 < 2 else 1
         planted_slide = int(rng.integers(n_slides))
         for s in range(n_slides):
@@ -45,7 +52,7 @@ def _planted(root: Path, n_patients: int = 16, dim: int = 6, seed: int = 0) -> t
             thumbs = rng.integers(0, 255, size=(n, 64, 64, 3), dtype=np.uint8)
             write_bag(bags / f"{sid}.h5", x, slide_id=sid, patient_id=f"P{i:02d}", diagnostic=diagnostic,
                       cell_ids=[f"c{j}" for j in range(n)], cell_types=types, thumbnails=thumbs,
-                      backbone="test/planted")
+                      backbone="test/planted", extra_attrs={"feature_blocks": f"test/planted:{dim - 1},marker:1"})
     (cohort / "patients.csv").write_text("\n".join(patients) + "\n")
     (cohort / "slides.csv").write_text("\n".join(slides) + "\n")
     return cohort, bags
@@ -147,6 +154,53 @@ def test_html_report_is_one_self_contained_file(attention_out: Path) -> None:
     assert "Patient P01" in text and "AML" in text and "reference" in text
     # CBC flags against the ranges of docs/DOMAIN.md: hb ~ N(14, 2) so some patient is low or in range; wbc column shown.
     assert ">wbc<" in text and ">hb<" in text
+    # P01's sex is "W" (weiblich): her Hb is read against the women's range, and the header says who she is.
+    assert "female, 34 years" in text and "12–16 g/dL (women)" in text and "13.5–17.5" not in text
+    # The model read both blocks of the bags, and the header says so (not just "backbone test/planted").
+    assert "features read: test/planted (5) + marker (1) = 6 features per cell" in text
+    # The differential sits beside the CBC, before the figures.
+    assert text.index("Blood count and patient features") < text.index("formule leucocytaire") \
+        < text.index("Where the model looked")
+    child = (attention_out / "P05" / "report.html").read_text(encoding="utf-8")
+    assert "12 years (child: adult CBC ranges not applied)" in child and "not applied under 18" in child
+    assert 'class="num low"' not in child and 'class="num high"' not in child
+
+
+def test_differential_file_and_summary(attention_out: Path, planted: tuple[Path, Path]) -> None:
+    _, bags = planted
+    summary = json.loads((attention_out / "summary.json").read_text())
+    assert summary["feature_blocks"] == ["test/planted", "marker"]
+    for pid in ("P00", "P01"):
+        types = [t for p in sorted(bags.glob(f"{pid}_S*.h5")) for t in read_bag(p, thumbnails=False).cell_types]
+        rows = {r["cell_type"]: r for r in _rows(attention_out / pid / "differential.csv")}
+        n = len(types)
+        assert int(rows["neutrophil"]["n"]) == types.count("neutrophil") and int(rows["neutrophil"]["of"]) == n
+        assert float(rows["neutrophil"]["percent"]) == pytest.approx(100 * types.count("neutrophil") / n, abs=0.01)
+        low, high = float(rows["neutrophil"]["ci95_low"]), float(rows["neutrophil"]["ci95_high"])
+        assert low <= float(rows["neutrophil"]["percent"]) <= high and high - low > 5   # a few dozen cells: wide
+        if summary["patients"][pid]["scores"]["singled_out"]:   # the types of the 4 most attended cells
+            assert sum(int(r["in_top_k"] or 0) for r in rows.values()) == int(rows["neutrophil"]["top_k"]) == 4
+        else:
+            assert rows["neutrophil"]["in_top_k"] == ""
+        entry = summary["patients"][pid]
+        assert {r["cell_type"]: r["n"] for r in entry["differential"]} == {k: int(r["n"]) for k, r in rows.items()}
+        assert entry["sex"] == "F" and entry["scores"]["singled_out"] in (True, False)
+    # P01 (AML) has one blast among 8-15 cells per slide: >= 2 % of its cells, flagged, with the source's meaning.
+    blast = {r["cell_type"]: r for r in _rows(attention_out / "P01" / "differential.csv")}["blast"]
+    assert blast["flag"] in ("high", "AML range") and "WHO 2022" in blast["meaning"]
+    assert not (attention_out / "P00" / "differential.csv").read_text().count("blast")
+
+
+def test_header_names_the_feature_blocks_the_model_read(planted: tuple[Path, Path], tmp_path: Path) -> None:
+    cohort, bags = planted
+    run = tmp_path / "run"
+    assert main(["train", "--cohort", str(cohort), "--bags", str(bags), "--out", str(run), "--set", "train.epochs=1",
+                 "--set", "model.hidden_dim=16", "--set", "data.feature_blocks=[marker]", *BASE]) == 0
+    summary = _explain(run, planted, tmp_path / "att", "--patient", "P01")
+    assert summary["feature_blocks"] == ["marker"] and summary["backbone"] == "test/planted"
+    text = (tmp_path / "att" / "P01" / "report.html").read_text(encoding="utf-8")
+    assert "features read: marker (1 feature per cell); not read: test/planted (5)" in text
+    assert "backbone test/planted" not in text
 
 
 def test_occlusion_finds_the_planted_cell(trained_run: Path, planted: tuple[Path, Path], tmp_path: Path) -> None:
@@ -198,6 +252,16 @@ def test_every_model_family(family: str, planted: tuple[Path, Path], tmp_path: P
         has_branches = family in ("abmil", "dsmil")
         assert ("score_AML" in rows[0]) == has_branches
         assert (tmp_path / "att" / pid / "gallery_AML.png").exists() == has_branches
+        if has_branches:   # per-class galleries say how many cells they show and why
+            report = (tmp_path / "att" / pid / "report.html").read_text(encoding="utf-8")
+            assert "cells for class AML (k = min(--top-k 3" in report or "class AML: the model did not" in report
+    if family == "meanpool":
+        # Mean pooling weighs every cell alike: the report must say so instead of ranking ties.
+        entry = summary["patients"]["P01"]["scores"]
+        assert entry["singled_out"] is False and entry["statistic"] == pytest.approx(1.0)
+        text = (tmp_path / "att" / "P01" / "report.html").read_text(encoding="utf-8")
+        assert "the model did not single out cells" in text and "highest scores" not in text
+        assert "in bag order" in text and "top 3" not in text
     if family == "meanpool":   # occlusion is model-agnostic: check it on a model without attention
         _explain(run, planted, tmp_path / "occ", "--patient", "P01", "--method", "occlusion")
         rows = _rows(tmp_path / "occ" / "P01" / "cell_scores.csv")
