@@ -62,6 +62,7 @@ from scipy.optimize import brentq
 from scipy.stats import beta as beta_dist
 
 from milhema.bags import CellPredictions, read_cell_predictions
+from milhema.data.differential import NOT_COUNTED, DifferentialRow, differential_table
 from milhema.data.manifest import DERIVED_PREFIXES, Cohort, is_derived_feature
 from milhema.errors import BagError, MilhemaError, did_you_mean
 
@@ -130,6 +131,20 @@ def cell_differential(type_probs: np.ndarray, level: float = 0.95) -> list[Estim
     return [_interval(pmf, float(e), n, level) for pmf, e in zip(pmfs, probs.sum(axis=0), strict=True)]
 
 
+def type_estimates(type_names: Sequence[str], type_probs: np.ndarray, level: float = 0.95) -> list[Estimate]:
+    """One :class:`Estimate` per type, as a differential reports them: a counted type in percent of
+    the (expected) counted white cells, a type a differential does not count (``smudge``, see
+    :data:`milhema.data.differential.NOT_COUNTED`) in percent of all N cells. Each estimate's ``n``
+    is its denominator."""
+    probs = np.asarray(type_probs, np.float64).reshape(len(type_probs), len(type_names))
+    counted = [i for i, t in enumerate(type_names) if t not in NOT_COUNTED]
+    if len(counted) == len(type_names) or not counted:
+        return cell_differential(probs, level)
+    of = float(probs[:, counted].sum())
+    return [estimate(probs[:, i], of if t not in NOT_COUNTED else float(len(probs)), level)
+            for i, t in enumerate(type_names)]
+
+
 def anomaly_rates(type_probs: np.ndarray, attribute_probs: np.ndarray, neutrophils: Sequence[int]) -> list[Estimate]:
     """One :class:`Estimate` per column of ``attribute_probs [N, A]``: the percentage of neutrophils (the
     ``neutrophils`` columns of ``type_probs [N, T]``) that show it; NaN when no type is a neutrophil."""
@@ -141,6 +156,33 @@ def anomaly_rates(type_probs: np.ndarray, attribute_probs: np.ndarray, neutrophi
             continue
         out.append(estimate(w * column, float(w.sum())))
     return out
+
+
+def predicted_differential(type_names: Sequence[str], type_probs: np.ndarray) -> list[DifferentialRow]:
+    """The differential table of the report (:func:`milhema.data.differential.differential_table`:
+    types, groups, WHO / ICC flags) from a classifier's probabilities ``type_probs [N, T]`` of the
+    ``type_names``: expected counts, and the intervals of this module (sampling + classifier).
+
+    Types not counted in a differential (``smudge`` ...) are left out of the denominator by their
+    probability: the denominator is the expected number of counted cells.
+    """
+    probs = np.asarray(type_probs, np.float64).reshape(len(type_probs), len(type_names))
+    column = {str(t): i for i, t in enumerate(type_names)}
+    counts = {t: float(probs[:, i].sum()) for t, i in column.items()}
+    counted = float(probs[:, [i for t, i in column.items() if t not in NOT_COUNTED]].sum())
+
+    def share(label: str, types: tuple[str, ...], of_types: tuple[str, ...] | None, group: bool) -> DifferentialRow:
+        p = probs[:, [column[t] for t in types if t in column]].sum(axis=1)
+        of = counted if of_types is None else float(probs[:, [column[t] for t in of_types if t in column]].sum())
+        est = estimate(p, of)
+        return DifferentialRow(label, est.expected, of, est.percent, est.low, est.high, group)
+
+    return differential_table(counts, counted, share)
+
+
+def pooled_predictions(slides: Sequence[SlidePredictions]) -> tuple[tuple[str, ...], np.ndarray]:
+    """The type names and the probabilities ``[N, T]`` of all the cells of ``slides`` (one classifier)."""
+    return tuple(slides[0].predictions.type_names), _pooled(slides)[0]
 
 
 @dataclass(frozen=True)
@@ -230,7 +272,7 @@ def differential_rows(found: dict[str, list[SlidePredictions]], cohort: Cohort,
         for slide_id, group in groups:
             types, attributes = _pooled(group)
             pred = group[0].predictions
-            for name, est in zip(pred.type_names, cell_differential(types), strict=True):
+            for name, est in zip(pred.type_names, type_estimates(pred.type_names, types), strict=True):
                 diff.append([pid, slide_id, name, *_cells(est)])
             if attributes is not None:
                 rates = anomaly_rates(types, attributes, group[0].neutrophil_columns)
@@ -251,8 +293,8 @@ def patient_values(slides: Sequence[SlidePredictions]) -> dict[str, float]:
     """``diff_<type>`` and ``anomaly_<attribute>`` percentages of one patient, all slides pooled (NaN without cells)."""
     types, attributes = _pooled(slides)
     pred = slides[0].predictions
-    values = {f"{DIFF_PREFIX}{name}": est.percent for name, est in zip(pred.type_names, cell_differential(types),
-                                                                        strict=True)}
+    values = {f"{DIFF_PREFIX}{name}": est.percent
+              for name, est in zip(pred.type_names, type_estimates(pred.type_names, types), strict=True)}
     if attributes is not None:
         rates = anomaly_rates(types, attributes, slides[0].neutrophil_columns)
         values |= {f"{ANOMALY_PREFIX}{name}": est.percent for name, est in zip(pred.attribute_names, rates,

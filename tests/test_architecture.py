@@ -43,7 +43,7 @@ ALLOWED = {
     "milhema.cells": {"milhema.version", "milhema.errors", "milhema.io", "milhema.device", "milhema.settings",
                       "milhema.config", "milhema.data", "milhema.bags", "milhema.train", "milhema.differential"},
     "milhema.explain": {"milhema.errors", "milhema.io", "milhema.device", "milhema.data", "milhema.bags",
-                        "milhema.slides", "milhema.train"},
+                        "milhema.slides", "milhema.train", "milhema.differential"},
     "milhema.demo": {"milhema.config", "milhema.data", "milhema.embed", "milhema.explain", "milhema.io",
                      "milhema.synth", "milhema.tracking", "milhema.train"},
     "milhema.cli": {"milhema.version", "milhema.errors", "milhema.settings", "milhema.config", "milhema.data", "milhema.importers",

@@ -170,10 +170,23 @@ def test_differential_is_a_patient_feature_and_a_predict_output(cells: Cells, tm
     pooled = [r for r in rows if r["slide_id"] == ""]
     for pid in cohort.patient_ids:
         mine = [r for r in pooled if r["patient_id"] == pid]
-        assert sum(float(r["percent"]) for r in mine) == pytest.approx(100, abs=0.2)
+        # Percent of the counted white cells (smudge cells, as in a manual differential, are not counted).
+        assert sum(float(r["percent"]) for r in mine if r["type"] != "smudge") == pytest.approx(100, abs=0.2)
         assert all(float(r["ci_low"]) <= float(r["percent"]) <= float(r["ci_high"]) for r in mine)
     with open(out / "anomalies.csv", encoding="utf-8") as fh:
         assert {r["attribute"] for r in csv.DictReader(fh)} == {"vacuoles", "hypogranular", "pseudo_pelger", "auer_rod"}
+    # The report shows the predicted differential (expected counts, the same percentages as predict's).
+    first = cohort.patient_ids[0]
+    with one_thread():
+        assert main(["explain", "--run", str(run), "--cohort", str(cells.cohort), "--bags", str(cells.bags),
+                     "--out", str(tmp_path / "why"), "--patient", first, "-q"]) == 0
+    report = (tmp_path / "why" / first / "report.html").read_text(encoding="utf-8")
+    assert "of the predicted cells" in report and f"predicted by cell classifier {fingerprint[:12]}" in report
+    with open(tmp_path / "why" / first / "differential.csv", encoding="utf-8") as fh:
+        shown = {r["cell_type"]: r for r in csv.DictReader(fh) if not r["group"]}
+    for r in pooled:
+        if r["patient_id"] == first and r["type"] != "smudge":   # the report lists smudge cells, uncounted
+            assert float(shown[r["type"]]["percent"].rstrip(" %")) == pytest.approx(float(r["percent"]), abs=0.06)
     # From Python too: the bag files of one patient, the differential computed from their predictions.
     import milhema
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from milhema.data.cbc import cbc_flag, is_cbc_quantity, normalise_sex, reference_range
 from milhema.data.differential import differential, wilson_interval
+from milhema.differential import predicted_differential
 from milhema.explain import figures
 from milhema.explain.report import ReportContent, render_report
 from milhema.explain.run import class_gallery_k, features_used
@@ -93,6 +94,26 @@ def test_differential_counts_white_cells_and_flags_who_icc_thresholds() -> None:
     two = {r.name: r for r in differential(["neutrophil"] * 58 + ["blast"] * 2)}
     assert two["blast"].flag == "high" and "MDS-IB1" in two["blast"].meaning
     assert [r.name for r in differential(["neutrophil"] * 9 + ["lymphocyte"])] == ["neutrophil", "lymphocyte"]
+
+
+def test_predicted_differential_is_the_annotated_one_for_a_certain_classifier_and_wider_when_unsure() -> None:
+    types = ["neutrophil"] * 14 + ["blast"] * 6 + ["blast_auer"] + ["hypogranular_neutrophil"] * 3 + ["smudge"] * 2
+    names = sorted(set(types))
+    certain = np.eye(len(names))[[names.index(t) for t in types]]
+    annotated = {r.name: r for r in differential(types)}
+    predicted = {r.name: r for r in predicted_differential(names, certain)}
+    assert set(predicted) == set(annotated)
+    for name, a in annotated.items():
+        p = predicted[name]
+        assert (p.n, p.of, p.group, p.flag) == (pytest.approx(a.n), pytest.approx(a.of), a.group, a.flag)
+        if a.counted:
+            assert p.percent == pytest.approx(a.percent)
+            # Jeffreys' interval of the count where the annotation's is Wilson's: close, never the same method.
+            assert p.ci_low <= p.percent <= p.ci_high and abs(p.ci_low - a.ci_low) < 6 and abs(p.ci_high - a.ci_high) < 6
+    unsure = 0.7 * certain + 0.3 / len(names)
+    blur = {r.name: r for r in predicted_differential(names, unsure)}
+    assert blur["blast"].ci_high - blur["blast"].ci_low > predicted["blast"].ci_high - predicted["blast"].ci_low
+    assert blur["smudge"].n == pytest.approx(unsure[:, names.index("smudge")].sum()) and not blur["smudge"].counted
 
 
 def test_nearly_uniform_attention_is_not_a_ranking() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from scipy.stats import binomtest
@@ -78,14 +78,16 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
 class DifferentialRow:
     """One line of the differential: a cell type, or a group a threshold applies to.
 
-    ``percent``, ``ci_low`` and ``ci_high`` (percent) are NaN for types left out of the
-    denominator; ``of`` is the denominator. ``flag`` and ``meaning`` are empty unless a threshold
+    ``n`` is the number of cells (annotated types) or their expected number (a cell classifier's
+    probabilities summed, :func:`milhema.differential.predicted_differential`); ``percent``,
+    ``ci_low`` and ``ci_high`` (percent) are NaN for types left out of the denominator; ``of`` is
+    the denominator. ``flag`` and ``meaning`` are empty unless a threshold
     of :data:`MEASURES` is reached; ``below_in_ci`` says the interval reaches below that threshold.
     """
 
     name: str
-    n: int
-    of: int
+    n: float
+    of: float
     percent: float
     ci_low: float
     ci_high: float
@@ -109,7 +111,7 @@ def _share(name: str, n: int, of: int, group: bool = False) -> DifferentialRow:
 
 def _flagged(row: DifferentialRow, measure: Measure) -> DifferentialRow:
     """``row`` with the highest tier of ``measure`` it reaches (added to a flag it already has)."""
-    if row.n == 0 or not row.counted:
+    if row.n < 0.5 or not row.counted:
         return row
     for tier in measure.tiers:
         if row.percent >= tier.at_least:
@@ -120,31 +122,46 @@ def _flagged(row: DifferentialRow, measure: Measure) -> DifferentialRow:
     return row
 
 
+# share(label, types, denominator types (None: all counted), group) -> the row of those cells.
+ShareFunction = Callable[[str, tuple[str, ...], "tuple[str, ...] | None", bool], DifferentialRow]
+
+
 def differential(cell_types: Iterable[str]) -> list[DifferentialRow]:
-    """The differential of ``cell_types`` (one name per cell): one row per type, most frequent first,
-    then one row per group of :data:`MEASURES` that spans several present types or another denominator.
+    """The differential of annotated ``cell_types`` (one name per cell), with Wilson intervals: one
+    row per type, most frequent first, then one row per group of :data:`MEASURES` that spans several
+    present types or another denominator.
     """
     counts = Counter("" if t is None else str(t) for t in cell_types)
     counted = sum(n for name, n in counts.items() if name not in NOT_COUNTED)
+
+    def share(label: str, types: tuple[str, ...], of_types: tuple[str, ...] | None, group: bool) -> DifferentialRow:
+        of = counted if of_types is None else sum(counts.get(t, 0) for t in of_types)
+        return _share(label, sum(counts.get(t, 0) for t in types), of, group)
+
+    return differential_table(counts, counted, share)
+
+
+def differential_table(counts: Mapping[str, float], counted: float, share: ShareFunction) -> list[DifferentialRow]:
+    """The rows of a differential from the (expected) number of cells of each type, ``counted`` of
+    them in the denominator, and ``share``, which gives a set of types its share and interval (the
+    two sources of cell types differ only there). A type is present from half a cell."""
     rows: dict[str, DifferentialRow] = {}
     for name, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
         shown = name or NO_TYPE
-        rows[name] = (_share(shown, n, counted) if name not in NOT_COUNTED
+        rows[name] = (share(shown, (name,), None, False) if name not in NOT_COUNTED
                       else DifferentialRow(shown, n, counted, math.nan, math.nan, math.nan))
     groups: list[DifferentialRow] = []
     for measure in MEASURES:
-        present = [t for t in measure.types if counts.get(t, 0)]
+        present = tuple(t for t in measure.types if counts.get(t, 0) >= 0.5)
         if not present:
             continue
         if measure.of is None and len(present) == 1:
             rows[present[0]] = _flagged(rows[present[0]], measure)
             continue
-        n = sum(counts[t] for t in present)
-        of = counted if measure.of is None else sum(counts.get(t, 0) for t in measure.of)
         label = f"{measure.name} ({' + '.join(present)})"
         if measure.of == _NEUTROPHIL_LINEAGE:
             label = f"{measure.name} ({' + '.join(present)}), % of neutrophils"
         elif measure.of is not None:
             label = f"{measure.name} ({' + '.join(present)}), % of {' + '.join(measure.of)}"
-        groups.append(_flagged(_share(label, n, of, group=True), measure))
+        groups.append(_flagged(share(label, present, measure.of, True), measure))
     return [*rows.values(), *groups]

@@ -53,6 +53,7 @@ class ReportContent:
     sex: str | None = None
     age: float | None = None
     differential: list[DifferentialRow] = field(default_factory=list)
+    differential_source: str = "annotated"
     top: Mapping[str, int] | None = None
     top_k: int = 0
     ranking: str = ""
@@ -105,6 +106,16 @@ def _pct(value: float) -> str:
     return f"{value:.1f} %" if math.isfinite(value) else "—"
 
 
+def _differential_note(source: str, counted: float) -> str:
+    if source == "annotated":
+        return (f"Annotated cell types of the bags (analyser folders, cells.csv), in % of the {counted:g} counted "
+                "white cells (smudge cells, unmatched detections and untyped cells are listed, not counted); "
+                "95 % Wilson intervals.")
+    return (f"Cell types {source} (milhema cells predict): n is the expected number of cells (probabilities "
+            f"summed), in % of the {counted:.1f} expected counted white cells; the 95 % intervals add the "
+            "classifier's uncertainty to the sampling of cells (docs/DOMAIN.md, the differential count).")
+
+
 def _differential_html(c: ReportContent) -> str:
     e = html.escape
     if not c.differential:
@@ -121,7 +132,8 @@ def _differential_html(c: ReportContent) -> str:
             name = "" if r.name == NO_TYPE else r.name
             top = f'<td class="num">{"" if r.group else c.top.get(name, 0)}</td>'
         title = f' title="{e(r.meaning)}"' if r.meaning else ""
-        rows += (f'<tr class="{"group" if r.group else ""}"><td>{e(r.name)}</td><td class="num">{r.n}</td>'
+        n = f"{r.n:g}" if float(r.n).is_integer() else f"{r.n:.1f}"
+        rows += (f'<tr class="{"group" if r.group else ""}"><td>{e(r.name)}</td><td class="num">{n}</td>'
                  f'<td class="num nw">{_pct(r.percent)}</td><td class="nw">{ci}</td>{top}'
                  f'<td class="{"high" if r.flag else ""}"{title}>{flag}</td></tr>')
     counted = next((r.of for r in c.differential if not r.group), 0)
@@ -130,9 +142,8 @@ def _differential_html(c: ReportContent) -> str:
                 if c.top is not None else " No top-k column: the model did not single out cells.")
     return (f"<table><tr><th>cell type</th><th>n</th><th>%</th><th>95 % CI</th>{top_head}<th>flag</th></tr>"
             f"{rows}</table>"
-            f'<p class="meta">Annotated cell types of the bags (analyser folders, cells.csv), in % of the {counted} '
-            "counted white cells (smudge cells, unmatched detections and untyped cells are listed, not counted); "
-            f"95 % Wilson intervals. Italic rows are the groups the thresholds apply to.{e(top_note)}</p>"
+            f'<p class="meta">{e(_differential_note(c.differential_source, counted))} Italic rows are the groups '
+            f"the thresholds apply to.{e(top_note)}</p>"
             + (f'<ul class="meta">{meanings}</ul>' if meanings else ""))
 
 
@@ -162,7 +173,8 @@ model {e(c.model)}, CBC fusion {e(c.fusion)}, features read: {e(c.features)}; {c
 <table><tr><th>class</th><th>probability</th><th></th></tr>{prob_rows}</table>
 <h2>Blood count and differential</h2>
 <div class="side"><div><h3>Blood count and patient features</h3>{_cbc_html(c)}</div>
-<div><h3>Differential (formule leucocytaire) of the annotated cells</h3>{_differential_html(c)}</div></div>
+<div><h3>Differential (formule leucocytaire) of the {"annotated" if c.differential_source == "annotated"
+ else "predicted"} cells</h3>{_differential_html(c)}</div></div>
 <h2>Where the model looked</h2>{ranking}{_figures(c.heatmaps)}
 <h2>Cell galleries</h2>{_figures(c.galleries)}
 {f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}

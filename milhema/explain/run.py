@@ -27,6 +27,7 @@ from milhema.data.cbc import normalise_sex
 from milhema.data.differential import NO_TYPE, DifferentialRow, differential
 from milhema.data.manifest import Cohort
 from milhema.device import resolve_device
+from milhema.differential import pooled_predictions, predicted_differential, read_slide_predictions
 from milhema.errors import MilhemaError
 from milhema.explain import figures
 from milhema.explain.cells import PatientCells, patient_cells
@@ -74,6 +75,26 @@ def top_counts(cell_types: np.ndarray | None, scores: np.ndarray, k: int) -> dic
     return dict(Counter(str(t) for t in np.asarray(cell_types, object)[top]))
 
 
+def patient_differential(cohort: Cohort, bags: Path | None, patient_id: str, annotated: np.ndarray | None,
+                         n_cells: int) -> tuple[list[DifferentialRow], str, np.ndarray | None]:
+    """The patient's differential, what it was counted from, and one type per cell (for top-k counts).
+
+    A cell classifier's predictions (``milhema cells predict``) on every slide of the patient win:
+    expected counts with intervals holding the classifier's uncertainty, each cell typed by its
+    most probable type. Otherwise the annotated types (analyser folders, ``cells.csv``), counted,
+    with Wilson intervals. ``([], "", None)`` when neither exists.
+    """
+    found = read_slide_predictions(cohort, bags, [patient_id], required=False).get(patient_id, [])
+    if n_cells and found and len(found) == len(cohort.slides_of(patient_id)):
+        names, probs = pooled_predictions(found)
+        if len(probs) == n_cells:
+            source = f"predicted by cell classifier {found[0].predictions.classifier_sha256[:12]}"
+            return predicted_differential(names, probs), source, np.asarray(names, object)[probs.argmax(axis=1)]
+    if annotated is not None and n_cells:
+        return differential(annotated), "annotated", annotated
+    return [], "", None
+
+
 def differential_rows(rows: Sequence[DifferentialRow], top: Mapping[str, int] | None,
                       k: int) -> tuple[list[str], list[list[object]]]:
     """Header and rows of ``differential.csv``: the patient's differential (see
@@ -85,7 +106,7 @@ def differential_rows(rows: Sequence[DifferentialRow], top: Mapping[str, int] | 
     for r in rows:
         name = "" if r.name == NO_TYPE else r.name
         in_top = "" if top is None or r.group else top.get(name, 0)
-        out.append([r.name, "yes" if r.group else "", r.n, r.of, _pct(r.percent), _pct(r.ci_low), _pct(r.ci_high),
+        out.append([r.name, "yes" if r.group else "", _count(r.n), _count(r.of), _pct(r.percent), _pct(r.ci_low), _pct(r.ci_high),
                     k if top is not None else "", in_top, r.flag, r.meaning])
     return header, out
 
@@ -176,8 +197,8 @@ def run_explain(run: str | Path, cohort: Cohort, bags: str | Path | None, out: s
                                                   contrast)
             notes_global += [f"{pid}: {n}" for n in notes]
             k = figures.gallery_k(cells.n_cells, top_k)
-            top = top_counts(cells.cell_types, s.scores, k) if contrast.singled_out else None
-            diff = differential(cells.cell_types) if cells.cell_types is not None and cells.n_cells else []
+            diff, diff_source, typed = patient_differential(cohort, bags, pid, cells.cell_types, cells.n_cells)
+            top = top_counts(typed, s.scores, k) if contrast.singled_out else None
             if diff:
                 write_csv(folder / "differential.csv", *differential_rows(diff, top, k))
             probs = s.probs
@@ -188,6 +209,7 @@ def run_explain(run: str | Path, cohort: Cohort, bags: str | Path | None, out: s
                 run=str(run), model=str(spec["model"]), fusion=str(spec["fusion"]), features=features_text,
                 date=date, n_cells=cells.n_cells, n_models=s.n_models, sex=patient.sex, age=patient.age,
                 heatmaps=heatmaps, galleries=galleries, notes=notes, differential=diff, top=top, top_k=k,
+                differential_source=diff_source,
                 ranking=contrast.text, singled_out=contrast.singled_out)
             write_text(folder / "report.html", render_report(content))
             all_features.append(np.asarray(cells.features, np.float32))
@@ -199,7 +221,8 @@ def run_explain(run: str | Path, cohort: Cohort, bags: str | Path | None, out: s
                                "probs": {c: round(float(p), 6) for c, p in zip(classes, probs, strict=True)},
                                "n_cells": cells.n_cells, "n_models": s.n_models, "sex": normalise_sex(patient.sex),
                                "age": patient.age, "scores": _contrast_json(contrast),
-                               "differential": [_row_json(r) for r in diff] if diff else None}
+                               "differential": [_row_json(r) for r in diff] if diff else None,
+                               "differential_source": diff_source if diff else None}
         if sum(len(f) for f in all_features):
             png = figures.overview(np.concatenate(all_features), np.concatenate(all_pct),
                                    np.concatenate(all_types) if any_types else None,
@@ -221,8 +244,13 @@ def _contrast_json(c: Contrast) -> dict[str, Any]:
             "text": c.text}
 
 
+def _count(n: float) -> int | float:
+    """A count as an integer, an expected count (a classifier's) to one decimal."""
+    return int(n) if float(n).is_integer() else round(float(n), 1)
+
+
 def _row_json(r: DifferentialRow) -> dict[str, Any]:
-    return {"cell_type": r.name, "group": r.group, "n": r.n, "of": r.of, "percent": _finite(r.percent, 2),
+    return {"cell_type": r.name, "group": r.group, "n": _count(r.n), "of": _count(r.of), "percent": _finite(r.percent, 2),
             "ci95": [_finite(r.ci_low, 2), _finite(r.ci_high, 2)], "flag": r.flag}
 
 
