@@ -35,6 +35,7 @@ from PIL import Image
 
 from milhema.embed.morphology import segment_cell
 from milhema.slides import detect
+from milhema.slides.calibrate import Calibration
 from milhema.slides.detect import DETECTORS, DetectOptions
 from milhema.slides.wsi import WholeSlide
 
@@ -97,7 +98,7 @@ def one_image(folder: Path, number: int, mpp: float, scratch: Path, crop_um: flo
     segment_regions = getattr(detect, "segment_regions", None)
     if segment_regions is not None:
         image = slide.read(0, 0, w, h)
-        seg = segment_regions(image, mpp, DetectOptions(progress=False), getattr(found, "calibration", None))
+        seg = segment_regions(image, mpp, DetectOptions(progress=False), Calibration.from_dict(found.calibration))
         det_cell = det_nucleus = 0.0
         if hit is not None:
             x, y = found.centres[hit]
@@ -115,7 +116,10 @@ def one_image(folder: Path, number: int, mpp: float, scratch: Path, crop_um: flo
     crop_px = max(8, int(round(crop_um / mpp)))
     x0, y0 = cx - crop_px // 2, cy - crop_px // 2
     crop = slide.read_cached(x0, y0, crop_px, crop_px)
-    cell, nucleus = segment_cell(crop, mpp)
+    if segment_regions is not None:   # embed hands the slide's calibration to the morphology
+        cell, nucleus = segment_cell(crop, mpp, Calibration.from_dict(found.calibration))
+    else:
+        cell, nucleus = segment_cell(crop, mpp)
     morph_cell = np.zeros_like(truth_cell)
     morph_nucleus = np.zeros_like(truth_cell)
     ys, xs = np.nonzero(cell)

@@ -16,6 +16,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +52,7 @@ class CellSource:
     crops: CropFolder | None = None  # crop folders: what the listing found besides the cells
     slide: WholeSlide | None = None  # scans
     qc: str = ""
+    calibration: dict[str, Any] | None = None  # scans: the detector's white point, stains, thresholds
 
     def __len__(self) -> int:
         return len(self.cell_ids)
@@ -95,7 +97,7 @@ def open_source(slide: Slide, detections_dir: Path, crop_um: float, detector: st
     crop_px = max(8, int(round(crop_um / wsi.mpp)))
     return CellSource(slide.slide_id, cell_ids, found.centres.astype(np.float32).reshape(n, 2),
                       found.bboxes.astype(np.int32).reshape(n, 4), cell_types, diagnostic, wsi.mpp, crop_px,
-                      slide=wsi, qc=found.qc_line(slide.slide_id))
+                      slide=wsi, qc=found.qc_line(slide.slide_id), calibration=found.calibration or None)
 
 
 def _cached_or_detect(wsi: WholeSlide, folder: Path, detector: str, options: DetectOptions) -> Detections:
@@ -106,7 +108,9 @@ def _cached_or_detect(wsi: WholeSlide, folder: Path, detector: str, options: Det
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             if meta.get("signature") == signature and meta.get("source") == str(wsi.path.resolve()):
-                return _read_detections(csv_path, meta.get("qc", {}))
+                found = _read_detections(csv_path, meta.get("qc", {}))
+                found.calibration = meta.get("calibration", {})
+                return found
         except (OSError, ValueError, KeyError):
             log.warning("slide %s: cached detections unreadable; detecting again", wsi.slide_id)
     found = DETECTORS[detector](wsi, options)
@@ -114,7 +118,8 @@ def _cached_or_detect(wsi: WholeSlide, folder: Path, detector: str, options: Det
             for (x, y), box, score in zip(found.centres, found.bboxes, found.scores, strict=True)]
     write_csv(csv_path, ["x", "y", "x0", "y0", "x1", "y1", "score"], rows)
     write_text(meta_path, json.dumps({"signature": signature, "source": str(wsi.path.resolve()),
-                                      "mpp": wsi.mpp, "qc": found.qc}, indent=2) + "\n")
+                                      "mpp": wsi.mpp, "qc": found.qc, "calibration": found.calibration},
+                                     indent=2) + "\n")
     return found
 
 
