@@ -16,7 +16,7 @@ from PIL import Image
 from milhema.data.manifest import Slide
 from milhema.embed.morphology import segment_cell
 from milhema.slides.calibrate import Calibration, calibrate, illumination, white_point
-from milhema.slides.detect import DetectOptions, detect_cells, recall_precision
+from milhema.slides.detect import DETECTOR_VERSION, DetectOptions, detect_cells, recall_precision
 from milhema.slides.source import open_source
 from milhema.slides.wsi import WholeSlide
 from milhema.synth.smear import PlacedCell, SmearSpec, plan_smear, render_block
@@ -83,7 +83,7 @@ def test_calibration_is_recorded_in_the_detection_json(camera_scan: Path, tmp_pa
                          detect_options=DetectOptions(progress=False))
     meta = json.loads((tmp_path / "detections" / "F.json").read_text())
     assert meta["calibration"]["mpp"] == pytest.approx(0.2)
-    assert len(meta["calibration"]["white"]) == 3 and '"version": 3' in meta["signature"]
+    assert len(meta["calibration"]["white"]) == 3 and f'"version": {DETECTOR_VERSION}' in meta["signature"]
     assert source.calibration == meta["calibration"]
     again = open_source(Slide("F", "P", camera_scan, mpp=0.2), tmp_path / "detections", 24.0,
                         detect_options=DetectOptions(progress=False))

@@ -9,10 +9,13 @@
    in a worker process and segmented by :func:`segment_regions`: vignetting is corrected, chromatin
    is OD along the nuclear stain above the slide's threshold, and the cell body is what is stained
    along the nuclear stain once the red cells' eosin (measured on this tile's red cells) is taken
-   out; touching cells are split by a watershed on the distance to the cell border, seeded by its
-   local maxima, where the waist between two basins is clearly narrower than the cells; objects are
-   kept by nucleus area in µm² (platelets, stain precipitate and debris are smaller; a smudge cell,
-   whose chromatin is pale but spread, is kept by a lower threshold over a larger area).
+   out; an object is cut by a watershed on the distance to its border, seeded by its local
+   maxima, where the waist between two basins is clearly narrower than the bodies; a basin is a
+   white cell when it holds a nucleus (basins without one are red cells leaning on it, and are
+   dropped); a nucleus is kept by its area in µm², counting only chromatin joined by chromatin or
+   by the white cell's own cytoplasm (platelets, stain precipitate and debris are smaller, and
+   platelets on a pile of red cells are joined only by red cells; a smudge cell, whose chromatin is
+   pale but spread, is kept by a lower threshold over a larger area).
 3. A cell belongs to the tile whose core holds its centre, so cells on tile borders are found once.
 
 Any function ``(WholeSlide, DetectOptions) -> Detections`` can stand in for :func:`detect_cells`
@@ -40,7 +43,9 @@ from milhema.slides.wsi import WholeSlide
 
 # 3: calibrated from each slide's own pixels (white point, vignetting, stain vectors, thresholds
 # relative to the slide's nuclear-stain density) instead of absolute red-channel ODs.
-DETECTOR_VERSION = 3
+# 4: a cell is a basin of its object holding a nucleus of chromatin joined through the cell's own
+# material (red cells leaning on it are cut off; platelets on a pile of red cells are no nucleus).
+DETECTOR_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,77 @@ def _merge_shallow(parts: np.ndarray, dist: np.ndarray, ratio: float) -> np.ndar
     return lookup[parts]
 
 
+def _joined(chromatin: np.ndarray, own: np.ndarray, need: float) -> np.ndarray:
+    """The ``chromatin`` (bool) that lies in pieces of ``own`` (the white cells' own material)
+    holding at least ``need`` px of it: the lobes of one nucleus are joined by chromatin or by their
+    cell's cytoplasm, whereas platelets on neighbouring red cells are joined, if at all, only by
+    red cells."""
+    pieces, n = ndi.label(own | chromatin)
+    if n == 0:
+        return chromatin & False
+    held = np.bincount(pieces[chromatin], minlength=n + 1)
+    keep = held >= need
+    keep[0] = False
+    return chromatin & keep[pieces]
+
+
+def _nucleated_pieces(region: np.ndarray, nucleus: np.ndarray, need: float, min_cell: float, peak_px: int,
+                      ratio: float) -> list[np.ndarray]:
+    """The white cells of one connected object (bool masks), each with at least ``need`` px of
+    ``nucleus``.
+
+    The object is cut into basins of the distance to its outline (one per round body: a white cell,
+    a red cell, a pile of red cells) along its waists (:func:`_merge_shallow`). A white cell has its
+    nucleus inside it, so a basin holding at least ``need`` px of chromatin is a cell; a basin with
+    less joins the cell whose chromatin its own touches (a lobe cut off by the waist of a bilobed
+    nucleus), or, joined with other such basins through touching chromatin, is a cell if together
+    they reach ``need``. What remains holds no nucleus of its own: red cells leaning on a white cell,
+    and piles of red cells whose platelets (each a speck of chromatin) add up to a nucleus's area
+    only across several red cells.
+    """
+    dist = ndi.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    peaks = peak_local_max(dist, min_distance=peak_px, threshold_abs=peak_px, exclude_border=False)
+    if len(peaks) < 2:
+        return [region]
+    markers = np.zeros(region.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    basins = _merge_shallow(watershed(-dist, markers, mask=region), dist, ratio)
+    ids = np.unique(basins[basins > 0])
+    if len(ids) < 2:
+        return [region]
+    index = np.zeros(int(basins.max()) + 1, np.int64)
+    index[ids] = np.arange(len(ids))
+    dense = index[basins]                  # basins numbered 0..n-1 (meaningful where region)
+    held = np.bincount(dense[nucleus], minlength=len(ids)).astype(float)
+    parent = list(range(len(ids)))
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    # Chromatin pieces that span basins tie them together, unless both already hold a nucleus
+    # (two touching white cells whose nuclei touch stay two cells).
+    pieces, n_pieces = ndi.label(nucleus)
+    for piece in range(1, n_pieces + 1):
+        touched = np.unique(dense[pieces == piece])
+        if len(touched) < 2:
+            continue
+        nucleated = [int(k) for k in touched if held[k] >= need]
+        target = nucleated[0] if nucleated else int(touched[0])
+        for k in touched:
+            if held[k] < need or not nucleated:
+                parent[root(int(k))] = root(target)
+    roots = np.array([root(k) for k in range(len(ids))])
+    total = np.bincount(roots, weights=held, minlength=len(ids))
+    out = []
+    for r in np.unique(roots):
+        cell = region & np.isin(dense, np.flatnonzero(roots == r))
+        if total[r] >= need and cell.sum() >= min_cell:
+            out.append(cell)
+    return out
+
+
 def _stain_maps(rgb: np.ndarray, mpp: float, options: DetectOptions, cal: Calibration,
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(chromatin OD float32 [H, W], chromatin hue bool [H, W], cell-body mask bool [H, W]) of one region.
@@ -241,6 +317,9 @@ def segment_regions(rgb: np.ndarray, mpp: float, options: DetectOptions | None =
         small[0] = False
         is_chromatin &= ~small[pieces]
     mask = body | is_chromatin
+    # The white cell's own material: chromatin and what has its hue. Red cells piled up are dense
+    # enough to count as cell body, but they do not join a white cell's chromatin into one nucleus.
+    own = (body & chromatin_hue) | is_chromatin
     # Thin bridges of stain (fibrin, a red cell's rim) do not join a cell to its neighbours.
     mask = ndi.binary_opening(mask, _disk(max(1, round(0.5 / mpp)))) | is_chromatin
     labels, n = ndi.label(mask)
@@ -263,24 +342,16 @@ def segment_regions(rgb: np.ndarray, mpp: float, options: DetectOptions | None =
         area = int(region.sum())
         if area < min_cell or area > 6 * max_cell:
             continue
-        nucleus = region & is_chromatin[window]
-        if nucleus.sum() < min_nucleus:
+        own_here = region & own[window]
+        nucleus, need = _joined(region & is_chromatin[window], own_here, min_nucleus), min_nucleus
+        if not nucleus.any():
             # A smudge cell: chromatin spread thin, pale but over a large area.
-            nucleus = region & chromatin_hue[window] & (chromatin[window] > options.smudge_ratio * cal.nucleus_od)
-            if nucleus.sum() < options.smudge_factor * min_nucleus:
+            need = options.smudge_factor * min_nucleus
+            pale = region & chromatin_hue[window] & (chromatin[window] > options.smudge_ratio * cal.nucleus_od)
+            nucleus = _joined(pale, own_here, need)
+            if not nucleus.any():
                 continue
-        pieces = [region]
-        # Touching cells: one basin per cell of the distance to the outline, split along the waist.
-        # Kept only if every piece is a plausible cell, so an elongated cell is not cut in two.
-        dist = ndi.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
-        peaks = peak_local_max(dist, min_distance=peak_px, threshold_abs=peak_px, exclude_border=False)
-        markers = np.zeros(region.shape, np.int32)
-        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-        if len(peaks) > 1:
-            parts = _merge_shallow(watershed(-dist, markers, mask=region), dist, options.split_ratio)
-            split = [parts == k for k in np.unique(parts[parts > 0])]
-            if len(split) > 1 and all(p.sum() >= min_cell and (p & nucleus).sum() >= min_nucleus for p in split):
-                pieces = split
+        pieces = _nucleated_pieces(region, nucleus, need, min_cell, peak_px, options.split_ratio)
         y0, x0 = window[0].start, window[1].start
         for piece in pieces:
             if piece.sum() > max_cell:
