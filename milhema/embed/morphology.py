@@ -45,6 +45,11 @@ def optical_density(rgb: np.ndarray, calibration: Calibration | None = None) -> 
     return calibrated_od(rgb, white)
 
 
+def optical_density_255(rgb: np.ndarray) -> np.ndarray:
+    """Absorbance ``[H, W, 3]`` float32 against a white of 255 (uncalibrated)."""
+    return -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
+
+
 def segment_cell(rgb: np.ndarray, mpp: float, calibration: Calibration | None = None,
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Masks ``(cell, nucleus)`` bool ``[H, W]`` of the cell nearest the crop centre.
@@ -69,8 +74,12 @@ def segment_cell(rgb: np.ndarray, mpp: float, calibration: Calibration | None = 
     stained = smooth.sum(axis=2) > 0.3
     # Red cells absorb blue as much as green light (pink); white-cell cytoplasm absorbs less blue
     # (lilac, grey-blue) or much more red (basophilic blue).
-    g = np.maximum(smooth[..., 1], 1e-3)
-    cytoplasm = stained & ((smooth[..., 2] < 0.8 * g) | (smooth[..., 0] > 0.6 * g))
+    # The hue ratios are read against a white of 255, as the rule was set on: against the glass's
+    # own white, a tinted glass shifts blue/green of pale red cells past the rule (every red cell
+    # around a lymphocyte became its cytoplasm).
+    hue = ndi.gaussian_filter(optical_density_255(rgb), sigma=(1.0, 1.0, 0.0))
+    g = np.maximum(hue[..., 1], 1e-3)
+    cytoplasm = stained & ((hue[..., 2] < 0.8 * g) | (hue[..., 0] > 0.6 * g))
     cy, cx = (float(v.mean()) for v in np.nonzero(nucleus))
     within = np.hypot(yy - cy, xx - cx) * mpp < _MAX_CELL_RADIUS_UM
     cell = ndi.binary_fill_holes(ndi.binary_closing((cytoplasm & within) | nucleus, morphology.disk(2)))
