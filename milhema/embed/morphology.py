@@ -14,6 +14,9 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import filters, measure, morphology
 
+from milhema.slides.calibrate import Calibration, white_point
+from milhema.slides.calibrate import optical_density as calibrated_od
+
 MORPHOLOGY_FEATURES: tuple[str, ...] = (
     "cell_area_um2",          # nucleus + cytoplasm of the central cell
     "nucleus_area_um2",
@@ -30,17 +33,31 @@ MORPHOLOGY_FEATURES: tuple[str, ...] = (
 )
 _MAX_CELL_RADIUS_UM = 12.0
 # Bumped whenever a feature's definition changes, so bags made before are not mixed with new ones.
-MORPHOLOGY_VERSION = 2
+# 3: optical densities against the image's (or slide's) own white point, not 255.
+MORPHOLOGY_VERSION = 3
 
 
-def optical_density(rgb: np.ndarray) -> np.ndarray:
-    """Beer–Lambert absorbance ``[H, W, 3]`` float32 of an RGB uint8 image."""
+def optical_density(rgb: np.ndarray, calibration: Calibration | None = None) -> np.ndarray:
+    """Beer–Lambert absorbance ``[H, W, 3]`` float32 of an RGB uint8 image, against the slide's
+    white point (``calibration``) or, without one, the white point measured on the image itself
+    (:mod:`milhema.slides.calibrate`, shared with the detector)."""
+    white = calibration.white_array if calibration is not None else white_point(rgb)
+    return calibrated_od(rgb, white)
+
+
+def optical_density_255(rgb: np.ndarray) -> np.ndarray:
+    """Absorbance ``[H, W, 3]`` float32 against a white of 255 (uncalibrated)."""
     return -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
 
 
-def segment_cell(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
-    """Masks ``(cell, nucleus)`` bool ``[H, W]`` of the cell nearest the crop centre."""
-    od = optical_density(rgb)
+def segment_cell(rgb: np.ndarray, mpp: float, calibration: Calibration | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Masks ``(cell, nucleus)`` bool ``[H, W]`` of the cell nearest the crop centre.
+
+    ``calibration``: the slide's (a crop cut from a scan); ODs are taken against its white point,
+    else against the crop's own.
+    """
+    od = optical_density(rgb, calibration)
     h, w = od.shape[:2]
     yy, xx = np.mgrid[0:h, 0:w]
     near = np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2) * mpp
@@ -57,8 +74,12 @@ def segment_cell(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
     stained = smooth.sum(axis=2) > 0.3
     # Red cells absorb blue as much as green light (pink); white-cell cytoplasm absorbs less blue
     # (lilac, grey-blue) or much more red (basophilic blue).
-    g = np.maximum(smooth[..., 1], 1e-3)
-    cytoplasm = stained & ((smooth[..., 2] < 0.8 * g) | (smooth[..., 0] > 0.6 * g))
+    # The hue ratios are read against a white of 255, as the rule was set on: against the glass's
+    # own white, a tinted glass shifts blue/green of pale red cells past the rule (every red cell
+    # around a lymphocyte became its cytoplasm).
+    hue = ndi.gaussian_filter(optical_density_255(rgb), sigma=(1.0, 1.0, 0.0))
+    g = np.maximum(hue[..., 1], 1e-3)
+    cytoplasm = stained & ((hue[..., 2] < 0.8 * g) | (hue[..., 0] > 0.6 * g))
     cy, cx = (float(v.mean()) for v in np.nonzero(nucleus))
     within = np.hypot(yy - cy, xx - cx) * mpp < _MAX_CELL_RADIUS_UM
     cell = ndi.binary_fill_holes(ndi.binary_closing((cytoplasm & within) | nucleus, morphology.disk(2)))
@@ -67,20 +88,22 @@ def segment_cell(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
     return cell, nucleus
 
 
-def morphology_features(rgb: np.ndarray, mpp: float) -> np.ndarray:
+def morphology_features(rgb: np.ndarray, mpp: float, calibration: Calibration | None = None) -> np.ndarray:
     """The :data:`MORPHOLOGY_FEATURES` of the central cell, float32 ``[16]``.
 
     Args:
         rgb: uint8 ``[H, W, 3]`` crop centred on one white cell.
         mpp: microns per pixel of the crop.
+        calibration: the slide's white point (a crop cut from a scan); measured on the crop when
+            not given.
 
     Returns zeros (area 0) when no nucleus is found, so a bad crop never stops a run.
     """
-    cell, nucleus = segment_cell(rgb, mpp)
+    cell, nucleus = segment_cell(rgb, mpp, calibration)
     out = np.zeros(len(MORPHOLOGY_FEATURES), dtype=np.float32)
     if not nucleus.any():
         return out
-    od = optical_density(rgb)
+    od = optical_density(rgb, calibration)
     px_area = mpp * mpp
     cyto = cell & ~nucleus
     cell_area = float(cell.sum()) * px_area

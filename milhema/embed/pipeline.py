@@ -32,6 +32,7 @@ from milhema.device import resolve_device
 from milhema.embed.backbone import DEFAULT_BACKBONE, NO_BACKBONE, Backbone, load_backbone
 from milhema.embed.morphology import MORPHOLOGY_FEATURES, MORPHOLOGY_VERSION, morphology_features
 from milhema.errors import BagError, EmbedError, MilhemaError
+from milhema.slides.calibrate import Calibration
 from milhema.slides.crops import IMAGE_SUFFIXES, CropFolder, check_crop_folder
 from milhema.slides.detect import DetectOptions
 from milhema.slides.detectors import DEFAULT_DETECTOR, get_detector
@@ -316,7 +317,9 @@ class _CellImages(Dataset):
         resized = np.array(image.resize((size, size), self.resample)) if size else rgb[:1, :1].copy()
         thumb = np.array(image.resize((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.BILINEAR, reducing_gap=2.0))
         mpp = source.mpp if source.mpp is not None else math.nan
-        morph = morphology_features(rgb, mpp) if self.morphology else np.zeros(0, np.float32)
+        # A crop cut from a scan is measured against the slide's white point, not its own.
+        cal = Calibration.from_dict(source.calibration) if source.calibration else None
+        morph = morphology_features(rgb, mpp, cal) if self.morphology else np.zeros(0, np.float32)
         return {"slide": slide_index, "ok": True, "error": "", "crop_px": int(rgb.shape[0]),
                 "image": torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))),
                 "thumb": torch.from_numpy(thumb), "morph": torch.from_numpy(morph)}
@@ -436,7 +439,9 @@ def _write(out: Path, buf: _SlideBuffer, backbone: Backbone | None, opts: EmbedO
         extra_attrs={"embed_signature": signature, "feature_blocks": ",".join(blocks),
                      "input_size": backbone.input_size if backbone else 0,
                      "backbone_output": backbone.output if backbone else "",
-                     "morphology_features": ",".join(MORPHOLOGY_FEATURES) if opts.morphology else ""},
+                     "morphology_features": ",".join(MORPHOLOGY_FEATURES) if opts.morphology else "",
+                     # the slide's white point, stain vectors, thresholds and mpp, as the detector measured them
+                     "calibration": json.dumps(src.calibration, sort_keys=True) if src.calibration else ""},
     )
     report.written.append(slide.slide_id)
     if len(keep) == 0:

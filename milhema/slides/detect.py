@@ -1,15 +1,21 @@
 """White-cell detection on whole-slide smears, without ever loading level 0 whole.
 
-1. Candidates: a low-resolution level (~1–2 µm/px) is read in chunks; pixels dark in the red
-   channel (the nuclear stain, azure/methylene blue, absorbs red; red cells barely do) mark the
-   level-0 tiles worth a closer look.
+0. Calibration (:mod:`milhema.slides.calibrate`): the slide's white point, stain vectors and
+   thresholds are measured on windows sampled over level 0 (a camera field: on itself), so that
+   optical densities are taken against this slide's glass, whatever its lamp, tint and stain.
+1. Candidates: a low-resolution level (~1–2 µm/px) is read in chunks; pixels dense along the
+   slide's nuclear-stain vector (chromatin) mark the level-0 tiles worth a closer look.
 2. Refinement: each marked tile (1024 px plus a margin that holds any white cell) is read at level 0
-   in a worker process. Cells are segmented from the red-channel optical density: a low threshold
-   gives the cell (nucleus + basophilic cytoplasm), a high one the nucleus; touching cells are split
-   by a watershed on the distance to the cell border, seeded by its local maxima, where the waist
-   between two basins is clearly narrower than the cells; objects are kept by
-   nucleus area in µm² (platelets, stain precipitate and debris are smaller; a smudge cell, whose
-   chromatin is pale but spread, is kept by a lower threshold over a larger area).
+   in a worker process and segmented by :func:`segment_regions`: vignetting is corrected, chromatin
+   is OD along the nuclear stain above the slide's threshold, and the cell body is what is stained
+   along the nuclear stain once the red cells' eosin (measured on this tile's red cells) is taken
+   out; an object is cut by a watershed on the distance to its border, seeded by its local
+   maxima, where the waist between two basins is clearly narrower than the bodies; a basin is a
+   white cell when it holds a nucleus (basins without one are red cells leaning on it, and are
+   dropped); a nucleus is kept by its area in µm², counting only chromatin joined by chromatin or
+   by the white cell's own cytoplasm (platelets, stain precipitate and debris are smaller, and
+   platelets on a pile of red cells are joined only by red cells; a smudge cell, whose chromatin is
+   pale but spread, is kept by a lower threshold over a larger area).
 3. A cell belongs to the tile whose core holds its centre, so cells on tile borders are found once.
 
 Any function ``(WholeSlide, DetectOptions) -> Detections`` can stand in for :func:`detect_cells`
@@ -22,6 +28,7 @@ import math
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -29,28 +36,35 @@ from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
 from tqdm.auto import tqdm
 
+from milhema.slides.calibrate import Calibration, calibrate, illumination, optical_density
 from milhema.slides.wsi import WholeSlide
 
-DETECTOR_VERSION = 2
-# Red-channel OD of one grey level, computed once: od = -ln((value + 1) / 256).
-_OD_LUT = (-np.log((np.arange(256, dtype=np.float64) + 1.0) / 256.0)).astype(np.float32)
+# 3: calibrated from each slide's own pixels (white point, vignetting, stain vectors, thresholds
+# relative to the slide's nuclear-stain density) instead of absolute red-channel ODs.
+# 4: a cell is a basin of its object holding a nucleus of chromatin joined through the cell's own
+# material (red cells leaning on it are cut off; platelets on a pile of red cells are no nucleus).
+DETECTOR_VERSION = 4
 
 
 @dataclass(frozen=True)
 class DetectOptions:
-    """Settings of the stain-based detector (sizes in µm, optical densities in natural-log units)."""
+    """Settings of the stain-based detector (sizes in µm; thresholds relative to the slide's calibration)."""
 
-    cell_od: float = 0.04             # red-channel OD not explained by eosin: a white cell's body
-    nucleus_od: float = 0.40          # ... and above which it is nuclear chromatin
+    body_mads: float = 3.0            # cell body: hue beyond the red cells' median + this × their MAD
     smooth_um: float = 0.8            # Gaussian smoothing before thresholding (removes granules, noise)
     min_nucleus_um2: float = 14.0     # smaller dark objects are platelets or stain precipitate
-    smudge_od: float = 0.22           # paler chromatin still counts if it covers smudge_factor × that area
-    smudge_factor: float = 3.0
+    smudge_ratio: float = 0.55        # paler chromatin (this × the nucleus threshold) still counts if it
+    smudge_factor: float = 3.0        # ... covers smudge_factor × min_nucleus_um2
     min_cell_um2: float = 40.0        # smaller cells are debris
     max_cell_um2: float = 1200.0      # larger connected objects are split (several cells) or ignored
     split_min_um: float = 2.5         # touching cells: centres of their basins at least this far apart
     split_ratio: float = 0.9          # ... and the waist between them narrower than this × their radii
+    red_cell_um: float = 10.0         # stained pixels this far from any chromatin are red cells (eosin)
+    flat_field: bool = True           # correct vignetting per region (camera fields)
     candidate_mpp: float = 2.0        # coarsest pixel size (µm) used to find candidates
+    candidate_ratio: float = 0.8      # candidates: chromatin above this × the nucleus threshold
+    calibration_px: int = 1024        # side of the level-0 windows the slide is calibrated on ...
+    calibration_windows: int = 3      # ... on a grid of this many × this many over the slide
     tile_px: int = 1024               # level-0 core of a refinement tile
     margin_um: float = 16.0           # read around each tile so that a border cell is whole
     workers: int = 1
@@ -62,8 +76,10 @@ class Detections:
     """Detected cells of one slide, in level-0 pixels.
 
     ``centres`` float32 [N, 2] (x, y); ``bboxes`` int32 [N, 4] (x0, y0, x1, y1, exclusive ends);
-    ``scores`` float32 [N] in [0, 1] (nuclear stain strength); ``qc`` numbers for the report;
-    ``cell_types`` [N] from a detector that also classifies (external detections), else None.
+    ``scores`` float32 [N] in [0, 1] (nuclear stain strength, 0.5 at the nucleus threshold); ``qc``
+    numbers for the report; ``cell_types`` [N] from a detector that also classifies (external
+    detections), else None; ``calibration`` what the slide was calibrated to
+    (:meth:`milhema.slides.calibrate.Calibration.to_dict`; empty for a detector without one).
     """
 
     centres: np.ndarray
@@ -71,6 +87,7 @@ class Detections:
     scores: np.ndarray
     qc: dict[str, float] = field(default_factory=dict)
     cell_types: list[str] | None = None
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.centres.shape[0])
@@ -83,7 +100,7 @@ class Detections:
         """Sorted top-to-bottom then left-to-right (stable cell order; nearby cells read together)."""
         idx = np.lexsort((self.centres[:, 0], self.centres[:, 1]))
         types = None if self.cell_types is None else [self.cell_types[i] for i in idx]
-        return Detections(self.centres[idx], self.bboxes[idx], self.scores[idx], self.qc, types)
+        return Detections(self.centres[idx], self.bboxes[idx], self.scores[idx], self.qc, types, self.calibration)
 
     def qc_line(self, slide_id: str) -> str:
         q = self.qc
@@ -91,16 +108,31 @@ class Detections:
                 f"of {q.get('slide_mm2', 0):.2f} mm² ({q.get('tiles', 0):.0f} tiles, {q.get('seconds', 0):.1f} s)")
 
 
+@dataclass
+class Segmentation:
+    """The white cells of one region, as :func:`segment_regions` finds them.
+
+    ``labels`` int32 [H, W]: 0 outside cells, k for cell k - 1; ``nucleus`` bool [H, W]: chromatin
+    of those cells; ``centres`` float64 [n, 2] (x, y px), ``boxes`` int64 [n, 4] (x0, y0, x1, y1,
+    exclusive ends), ``scores`` float64 [n] in [0, 1].
+    """
+
+    labels: np.ndarray
+    nucleus: np.ndarray
+    centres: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.centres.shape[0])
+
+
 # --------------------------------------------------------------------------------------------
 # Segmentation of one level-0 region
 # --------------------------------------------------------------------------------------------
 
-def _eosin_ratio(od_r: np.ndarray, od_g: np.ndarray, default: float = 0.18) -> float:
-    """Red/green OD ratio of the eosin stain, measured on this region's red cells."""
-    red_cells = (od_g > 0.25) & (od_r < 0.3)
-    if red_cells.sum() < 500:
-        return default
-    return float(np.median(od_r[red_cells] / od_g[red_cells]))
+def _mad(values: np.ndarray) -> float:
+    return 1.4826 * float(np.median(np.abs(values - np.median(values))))
 
 
 def _merge_shallow(parts: np.ndarray, dist: np.ndarray, ratio: float) -> np.ndarray:
@@ -131,26 +163,167 @@ def _merge_shallow(parts: np.ndarray, dist: np.ndarray, ratio: float) -> np.ndar
     return lookup[parts]
 
 
-def segment_cells(rgb: np.ndarray, mpp: float, options: DetectOptions | None = None,
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """White cells in one RGB uint8 [H, W, 3] region at ``mpp`` µm/px.
+def _joined(chromatin: np.ndarray, own: np.ndarray, need: float) -> np.ndarray:
+    """The ``chromatin`` (bool) that lies in pieces of ``own`` (the white cells' own material)
+    holding at least ``need`` px of it: the lobes of one nucleus are joined by chromatin or by their
+    cell's cytoplasm, whereas platelets on neighbouring red cells are joined, if at all, only by
+    red cells."""
+    pieces, n = ndi.label(own | chromatin)
+    if n == 0:
+        return chromatin & False
+    held = np.bincount(pieces[chromatin], minlength=n + 1)
+    keep = held >= need
+    keep[0] = False
+    return chromatin & keep[pieces]
 
-    The cell body is the red-channel OD left after removing what the slide's eosin (red cells)
-    explains, so pale neutrophil cytoplasm counts and red cells do not; the nucleus is the raw
-    red-channel OD above ``nucleus_od``.
 
-    Returns centres float64 [n, 2] (x, y px in the region), bboxes int64 [n, 4] (x0, y0, x1, y1) and
-    scores float64 [n].
+def _nucleated_pieces(region: np.ndarray, nucleus: np.ndarray, need: float, min_cell: float, peak_px: int,
+                      ratio: float) -> list[np.ndarray]:
+    """The white cells of one connected object (bool masks), each with at least ``need`` px of
+    ``nucleus``.
+
+    The object is cut into basins of the distance to its outline (one per round body: a white cell,
+    a red cell, a pile of red cells) along its waists (:func:`_merge_shallow`). A white cell has its
+    nucleus inside it, so a basin holding at least ``need`` px of chromatin is a cell; a basin with
+    less joins the cell whose chromatin its own touches (a lobe cut off by the waist of a bilobed
+    nucleus), or, joined with other such basins through touching chromatin, is a cell if together
+    they reach ``need``. What remains holds no nucleus of its own: red cells leaning on a white cell,
+    and piles of red cells whose platelets (each a speck of chromatin) add up to a nucleus's area
+    only across several red cells.
+    """
+    dist = ndi.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    peaks = peak_local_max(dist, min_distance=peak_px, threshold_abs=peak_px, exclude_border=False)
+    if len(peaks) < 2:
+        return [region]
+    markers = np.zeros(region.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    basins = _merge_shallow(watershed(-dist, markers, mask=region), dist, ratio)
+    ids = np.unique(basins[basins > 0])
+    if len(ids) < 2:
+        return [region]
+    index = np.zeros(int(basins.max()) + 1, np.int64)
+    index[ids] = np.arange(len(ids))
+    dense = index[basins]                  # basins numbered 0..n-1 (meaningful where region)
+    held = np.bincount(dense[nucleus], minlength=len(ids)).astype(float)
+    parent = list(range(len(ids)))
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    # Chromatin pieces that span basins tie them together, unless both already hold a nucleus
+    # (two touching white cells whose nuclei touch stay two cells).
+    pieces, n_pieces = ndi.label(nucleus)
+    for piece in range(1, n_pieces + 1):
+        touched = np.unique(dense[pieces == piece])
+        if len(touched) < 2:
+            continue
+        nucleated = [int(k) for k in touched if held[k] >= need]
+        target = nucleated[0] if nucleated else int(touched[0])
+        for k in touched:
+            if held[k] < need or not nucleated:
+                parent[root(int(k))] = root(target)
+    roots = np.array([root(k) for k in range(len(ids))])
+    total = np.bincount(roots, weights=held, minlength=len(ids))
+    out = []
+    for r in np.unique(roots):
+        cell = region & np.isin(dense, np.flatnonzero(roots == r))
+        if total[r] >= need and cell.sum() >= min_cell:
+            out.append(cell)
+    return out
+
+
+def _stain_maps(rgb: np.ndarray, mpp: float, options: DetectOptions, cal: Calibration,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(chromatin OD float32 [H, W], chromatin hue bool [H, W], cell-body mask bool [H, W]) of one region.
+
+    Chromatin: OD along the slide's nuclear-stain vector. Body: stained pixels that are not red
+    cells. Red cells are learnt from this region: the stained pixels ``red_cell_um`` from any
+    chromatin. A pixel is cell body when its hue lies towards the chromatin's beyond the red cells'
+    own spread of hue (pale lilac or blue cytoplasm), or when it is denser than two of the densest red
+    cells stacked (pale red cells beside a well-stained white cell, as in rapid stains).
+    """
+    white = cal.white_array
+    gain = illumination(rgb, white) if options.flat_field else None
+    od = optical_density(rgb, white, gain)
+    sigma = options.smooth_um / mpp
+    for c in range(3):
+        od[..., c] = ndi.gaussian_filter(od[..., c], sigma, truncate=3.0)
+    nuclear = np.asarray(cal.nuclear, np.float32)
+    chromatin = od @ nuclear
+    norm = np.linalg.norm(od, axis=2)
+    stained = norm > cal.stained_od
+    is_chromatin = chromatin > cal.nucleus_od
+    if is_chromatin.any():
+        far = ndi.distance_transform_edt(~is_chromatin) * mpp > options.red_cell_um
+    else:
+        far = np.ones(chromatin.shape, bool)
+    red = far & stained
+    direction = od / np.maximum(norm, 1e-6)[..., None]
+    # Hue along the axis from the red cells' direction (0) to the chromatin's (1). Chromatin's
+    # direction: the dense pixels nearer in hue to the nuclear stain than to eosin (on a slide,
+    # dense overlaps of red cells may outnumber the nuclei).
+    eosin = np.asarray(cal.eosin, np.float32)
+    chromatin_dir = nuclear
+    if is_chromatin.any():
+        dense = direction[is_chromatin]
+        nuclear_like = dense @ nuclear > dense @ eosin
+        if nuclear_like.sum() * mpp * mpp > options.min_nucleus_um2:
+            dense = dense[nuclear_like]
+        chromatin_dir = np.median(dense, axis=0)
+    # Two red cells' worth of pixels (~44 µm² each) give a steady estimate of this region's red cells.
+    enough_red = red.sum() * mpp * mpp > 90.0
+    red_dir = np.median(direction[red], axis=0) if enough_red else eosin
+    axis = chromatin_dir - red_dir
+    if float(axis @ axis) < 1e-4:   # red cells and chromatin of one hue: nothing to tell them apart by
+        return chromatin, np.ones(chromatin.shape, bool), stained
+    hue = (direction - red_dir) @ (axis / float(axis @ axis))
+    if enough_red:
+        red_hue = hue[red]
+        hue_threshold = float(np.median(red_hue)) + options.body_mads * max(_mad(red_hue), 0.02)
+        # Denser than two of the densest red cells stacked: stain, not a pile of red cells.
+        dense_od = 2.0 * float(np.percentile(norm[red], 99))
+    else:
+        hue_threshold, dense_od = 0.5, np.inf
+    # A pixel's hue is noisy (the glass's OD noise over its own OD, along the hue axis), the more so
+    # the paler it is: chromatin and cell body need the hue of chromatin by three such sd (dense
+    # overlaps of red cells, platelets beside them and the rims of red cells do not count).
+    hue_noise = cal.noise_od / (np.maximum(norm, 1e-6) * float(np.sqrt(axis @ axis)))
+    chromatin_hue = hue > hue_threshold + 3.0 * hue_noise
+    body = stained & (chromatin_hue | (norm > dense_od))
+    return chromatin, chromatin_hue, body
+
+
+def segment_regions(rgb: np.ndarray, mpp: float, options: DetectOptions | None = None,
+                    calibration: Calibration | None = None) -> Segmentation:
+    """White cells in one RGB uint8 [H, W, 3] region at ``mpp`` µm/px, with their masks.
+
+    ``calibration``: the slide's (:func:`milhema.slides.calibrate.calibrate`); measured on the
+    region itself when not given (a camera field or a crop).
     """
     options = options or DetectOptions()
-    od_r = _OD_LUT[rgb[..., 0]]
-    od_g = _OD_LUT[rgb[..., 1]]
-    sigma = options.smooth_um / mpp
-    body_od = ndi.gaussian_filter(od_r - _eosin_ratio(od_r, od_g) * od_g, sigma, truncate=3.0)
-    del od_g
-    nuclear = ndi.gaussian_filter(od_r, sigma, truncate=3.0)
-    labels, n = ndi.label(body_od > options.cell_od)
-    empty = np.zeros((0, 2)), np.zeros((0, 4), np.int64), np.zeros(0)
+    cal = calibration or calibrate(rgb, mpp, flat_field=options.flat_field)
+    chromatin, chromatin_hue, body = _stain_maps(rgb, mpp, options, cal)
+    is_chromatin = (chromatin > cal.nucleus_od) & chromatin_hue
+    # Chromatin specks smaller than half the smallest nucleus are platelets (2–3 µm): they do not
+    # add up to a nucleus, even when a pile of red cells joins a few of them into one object.
+    pieces, n_pieces = ndi.label(is_chromatin)
+    if n_pieces:
+        small = np.bincount(pieces.ravel()) < 0.5 * options.min_nucleus_um2 / (mpp * mpp)
+        small[0] = False
+        is_chromatin &= ~small[pieces]
+    mask = body | is_chromatin
+    # The white cell's own material: chromatin and what has its hue. Red cells piled up are dense
+    # enough to count as cell body, but they do not join a white cell's chromatin into one nucleus.
+    own = (body & chromatin_hue) | is_chromatin
+    # Thin bridges of stain (fibrin, a red cell's rim) do not join a cell to its neighbours.
+    mask = ndi.binary_opening(mask, _disk(max(1, round(0.5 / mpp)))) | is_chromatin
+    labels, n = ndi.label(mask)
+    h, w = chromatin.shape
+    out = np.zeros((h, w), np.int32)
+    nucleus_out = np.zeros((h, w), bool)
+    empty = Segmentation(out, nucleus_out, np.zeros((0, 2)), np.zeros((0, 4), np.int64), np.zeros(0))
     if n == 0:
         return empty
     px_area = mpp * mpp
@@ -166,25 +339,16 @@ def segment_cells(rgb: np.ndarray, mpp: float, options: DetectOptions | None = N
         area = int(region.sum())
         if area < min_cell or area > 6 * max_cell:
             continue
-        nucleus = region & (nuclear[window] > options.nucleus_od)
-        if nucleus.sum() < min_nucleus:
+        own_here = region & own[window]
+        nucleus, need = _joined(region & is_chromatin[window], own_here, min_nucleus), min_nucleus
+        if not nucleus.any():
             # A smudge cell: chromatin spread thin, pale but over a large area.
-            nucleus = region & (nuclear[window] > options.smudge_od)
-            if nucleus.sum() < options.smudge_factor * min_nucleus:
+            need = options.smudge_factor * min_nucleus
+            pale = region & chromatin_hue[window] & (chromatin[window] > options.smudge_ratio * cal.nucleus_od)
+            nucleus = _joined(pale, own_here, need)
+            if not nucleus.any():
                 continue
-        pieces = [region]
-        # Touching cells: one basin per cell of the distance to the outline, split along the waist.
-        # Kept only if every piece is a plausible cell, so an elongated cell is not cut in two.
-        dist = ndi.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
-        peaks = peak_local_max(dist, min_distance=peak_px, threshold_abs=peak_px, exclude_border=False)
-        markers = np.zeros(region.shape, np.int32)
-        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-        n_markers = len(peaks)
-        if n_markers > 1:
-            parts = _merge_shallow(watershed(-dist, markers, mask=region), dist, options.split_ratio)
-            split = [parts == k for k in np.unique(parts[parts > 0])]
-            if len(split) > 1 and all(p.sum() >= min_cell and (p & nucleus).sum() >= min_nucleus for p in split):
-                pieces = split
+        pieces = _nucleated_pieces(region, nucleus, need, min_cell, peak_px, options.split_ratio)
         y0, x0 = window[0].start, window[1].start
         for piece in pieces:
             if piece.sum() > max_cell:
@@ -192,17 +356,50 @@ def segment_cells(rgb: np.ndarray, mpp: float, options: DetectOptions | None = N
             ys, xs = np.nonzero(piece)
             centres.append((x0 + xs.mean(), y0 + ys.mean()))
             boxes.append((x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1))
-            scores.append(min(1.0, float(nuclear[window][piece & nucleus].mean())))
+            # 0.5 at the slide's nucleus threshold, 1 at twice it: comparable across slides.
+            scores.append(min(1.0, 0.5 * float(chromatin[window][piece & nucleus].mean()) / cal.nucleus_od))
+            out[window][piece] = len(centres)
+            nucleus_out[window] |= piece & nucleus
     if not centres:
         return empty
-    return np.array(centres), np.array(boxes, dtype=np.int64), np.array(scores)
+    return Segmentation(out, nucleus_out, np.array(centres), np.array(boxes, dtype=np.int64), np.array(scores))
+
+
+def segment_cells(rgb: np.ndarray, mpp: float, options: DetectOptions | None = None,
+                  calibration: Calibration | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """White cells in one RGB uint8 [H, W, 3] region at ``mpp`` µm/px (:func:`segment_regions`
+    without the masks).
+
+    Returns centres float64 [n, 2] (x, y px in the region), bboxes int64 [n, 4] (x0, y0, x1, y1) and
+    scores float64 [n].
+    """
+    found = segment_regions(rgb, mpp, options, calibration)
+    return found.centres, found.boxes, found.scores
+
+
+def _disk(radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    return np.asarray(yy * yy + xx * xx <= radius * radius)
 
 
 # --------------------------------------------------------------------------------------------
 # Whole slide
 # --------------------------------------------------------------------------------------------
 
-def _candidate_tiles(slide: WholeSlide, options: DetectOptions) -> list[tuple[int, int]]:
+def slide_calibration(slide: WholeSlide, options: DetectOptions | None = None) -> Calibration:
+    """Calibrate ``slide`` on ``calibration_windows``² level-0 windows of ``calibration_px`` spread
+    over it (the whole of level 0 when that is smaller): white point, stains, thresholds."""
+    options = options or DetectOptions()
+    width, height = slide.dimensions
+    side_x, side_y = min(options.calibration_px, width), min(options.calibration_px, height)
+    n = max(1, options.calibration_windows)
+    xs = sorted({int(round((width - side_x) * (i + 0.5) / n)) for i in range(n)}) if width > side_x else [0]
+    ys = sorted({int(round((height - side_y) * (i + 0.5) / n)) for i in range(n)}) if height > side_y else [0]
+    windows = [slide.read(x, y, side_x, side_y) for y in ys for x in xs]
+    return calibrate(windows, slide.mpp, flat_field=options.flat_field)
+
+
+def _candidate_tiles(slide: WholeSlide, options: DetectOptions, cal: Calibration) -> list[tuple[int, int]]:
     """Top-left corners (level-0 px) of the refinement tiles that hold candidate cells."""
     level = slide.best_level(options.candidate_mpp)
     down = slide.level_downsamples[level]
@@ -214,12 +411,16 @@ def _candidate_tiles(slide: WholeSlide, options: DetectOptions) -> list[tuple[in
     chunk = 2048
     reach = options.margin_um / 2 / slide.mpp   # a candidate near a tile edge may belong to the neighbour
     min_px = max(1, int(0.5 * options.min_nucleus_um2 / (lmpp * lmpp)))
+    white = cal.white_array
+    nuclear = np.asarray(cal.nuclear, np.float32)
     for cy in range(0, height, chunk):
         for cx in range(0, width, chunk):
             w, h = min(chunk, width - cx), min(chunk, height - cy)
             rgb = slide.read(int(cx * down), int(cy * down), w, h, level)
-            od = ndi.gaussian_filter(_OD_LUT[rgb[..., 0]], max(0.5, options.smooth_um / lmpp), truncate=3.0)
-            labels, n = ndi.label(od > options.nucleus_od * 0.8)
+            gain = illumination(rgb, white) if options.flat_field and level == 0 else None
+            od = ndi.gaussian_filter(optical_density(rgb, white, gain) @ nuclear,
+                                     max(0.5, options.smooth_um / lmpp), truncate=3.0)
+            labels, n = ndi.label(od > cal.nucleus_od * options.candidate_ratio)
             if n == 0:
                 continue
             sizes = np.bincount(labels.ravel())
@@ -235,15 +436,16 @@ def _candidate_tiles(slide: WholeSlide, options: DetectOptions) -> list[tuple[in
     return [(int(x) * tile, int(y) * tile) for y, x in zip(*np.nonzero(marked), strict=True)]
 
 
-def _detect_tile(args: tuple[WholeSlide, DetectOptions, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    slide, options, tx, ty = args
+def _detect_tile(args: tuple[WholeSlide, DetectOptions, Calibration, int, int],
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    slide, options, cal, tx, ty = args
     width, height = slide.dimensions
     margin = int(math.ceil(options.margin_um / slide.mpp))
     x0, y0 = max(0, tx - margin), max(0, ty - margin)
     x1 = min(width, tx + options.tile_px + margin)
     y1 = min(height, ty + options.tile_px + margin)
     rgb = slide.read(x0, y0, x1 - x0, y1 - y0)
-    centres, boxes, scores = segment_cells(rgb, slide.mpp, options)
+    centres, boxes, scores = segment_cells(rgb, slide.mpp, options, cal)
     centres = centres + (x0, y0)
     boxes = boxes + (x0, y0, x0, y0)
     core = ((centres[:, 0] >= tx) & (centres[:, 0] < tx + options.tile_px)
@@ -252,11 +454,13 @@ def _detect_tile(args: tuple[WholeSlide, DetectOptions, int, int]) -> tuple[np.n
 
 
 def detect_cells(slide: WholeSlide, options: DetectOptions | None = None) -> Detections:
-    """Every white cell of ``slide``: level-0 centres, boxes and scores, with a QC summary."""
+    """Every white cell of ``slide``: level-0 centres, boxes and scores, with a QC summary and the
+    slide's calibration (white point, stain vectors, thresholds, mpp)."""
     options = options or DetectOptions()
     start = time.perf_counter()
-    tiles = _candidate_tiles(slide, options)
-    jobs = [(slide, options, x, y) for x, y in tiles]
+    cal = slide_calibration(slide, options)
+    tiles = _candidate_tiles(slide, options, cal)
+    jobs = [(slide, options, cal, x, y) for x, y in tiles]
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     bar = tqdm(total=len(jobs), desc=f"detect {slide.slide_id}", unit="tile", leave=False,
                disable=None if options.progress else True)
@@ -274,14 +478,15 @@ def detect_cells(slide: WholeSlide, options: DetectOptions | None = None) -> Det
     scanned = sum(min(options.tile_px, width - x) * min(options.tile_px, height - y) for x, y in tiles)
     qc = {"tiles": float(len(tiles)), "scanned_mm2": scanned * slide.mpp ** 2 / 1e6,
           "slide_mm2": width * height * slide.mpp ** 2 / 1e6, "seconds": time.perf_counter() - start}
+    calibration = cal.to_dict()
     if not parts or sum(len(p[2]) for p in parts) == 0:
         out = Detections.empty()
-        out.qc = qc
+        out.qc, out.calibration = qc, calibration
         return out
     centres = np.concatenate([p[0] for p in parts]).astype(np.float32)
     boxes = np.concatenate([p[1] for p in parts]).astype(np.int32)
     scores = np.concatenate([p[2] for p in parts]).astype(np.float32)
-    return Detections(centres, boxes, scores, qc).order()
+    return Detections(centres, boxes, scores, qc, calibration=calibration).order()
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass, replace
 from dataclasses import field as dataclass_field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,6 +63,7 @@ class CellSource:
     qc: str = ""
     attribute_names: tuple[str, ...] = ()       # annotated anomaly attributes (truth files' 0/1 columns)
     attribute_labels: np.ndarray | None = None  # int8 [N, A]: 1, 0, -1 (not annotated)
+    calibration: dict[str, Any] | None = None  # scans: the detector's white point, stains, thresholds
     _reading: int = dataclass_field(default=-1, repr=False)
 
     def __len__(self) -> int:
@@ -183,7 +185,10 @@ def _cells(slide: Slide, images: list[WholeSlide], names: tuple[str, ...], found
                       max(8, int(round(crop_um / mpp))) if mpp else 0, images=tuple(images),
                       field=None if field is None else field.reshape(n), field_names=names,
                       qc=_qc_line(slide.slide_id, found, qc, names, detector), attribute_names=attribute_names,
-                      attribute_labels=attribute_labels)
+                      attribute_labels=attribute_labels,
+                      # A scan's calibration, for the morphology of its crops; each field has its own (in the
+                      # detection JSON) and its crops are measured against their own white.
+                      calibration=found[0].calibration or None if len(found) == 1 and not names else None)
 
 
 def _union_attributes(parts: list[tuple[tuple[str, ...], np.ndarray]]) -> tuple[tuple[str, ...], np.ndarray | None]:
@@ -222,7 +227,11 @@ def _cached_or_detect(slide: Slide, images: list[WholeSlide], names: tuple[str, 
             if (meta.get("signature") == signature and meta.get("source") == source
                     and meta.get("fields", []) == list(names)):
                 cached = {k: float(v) for k, v in meta.get("qc", {}).items()}
-                return _read_detections(csv_path, cached, len(images)), cached
+                found = _read_detections(csv_path, cached, len(images))
+                calibrations = meta["calibrations"] if names else [meta.get("calibration", {})]
+                for cells, calibration in zip(found, calibrations, strict=False):
+                    cells.calibration = dict(calibration)
+                return found, cached
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             log.warning("slide %s: cached detections unreadable; detecting again", slide.slide_id)
     found = [detector.detect(image, options) for image in images]
@@ -241,6 +250,10 @@ def _cached_or_detect(slide: Slide, images: list[WholeSlide], names: tuple[str, 
     write_csv(csv_path, header, rows)
     meta_out: dict[str, object] = {"signature": signature, "source": source, "mpp": images[0].mpp if images else None,
                                    "qc": qc}
+    if names:   # each field calibrated from its own pixels
+        meta_out["calibrations"] = [cells.calibration for cells in found]
+    elif found:
+        meta_out["calibration"] = found[0].calibration
     if names:
         meta_out["fields"] = list(names)
     write_text(meta_path, json.dumps(meta_out, indent=2) + "\n")

@@ -1,0 +1,100 @@
+"""Detection calibrated from the image itself: tinted, darker, vignetted, JPEG-compressed smears at
+another µm per pixel (what a camera on a microscope gives), built from the simulator's renderers."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from milhema.data.manifest import Slide
+from milhema.embed.morphology import segment_cell
+from milhema.slides.calibrate import Calibration, calibrate, illumination, white_point
+from milhema.slides.detect import DETECTOR_VERSION, DetectOptions, detect_cells, recall_precision
+from milhema.slides.source import open_source
+from milhema.slides.wsi import WholeSlide
+from milhema.synth.smear import PlacedCell, SmearSpec, plan_smear, render_block
+from milhema.synth.stain import Stain
+
+GLASS = np.array([200.0, 190.0, 140.0])   # a yellow lamp without white balance, darker than 255
+
+
+def _field(mpp: float, size: int, cells: list[tuple[str, float, float]]) -> np.ndarray:
+    """A simulated smear field at ``mpp``, as a camera would take it: the light tinted to GLASS,
+    vignetted (corners at ~70 %) and JPEG-compressed."""
+    stain = replace(Stain.default(), noise_sd=2.0)
+    base = plan_smear([], size, size, mpp, (3, 3), stain)
+    spec = SmearSpec(size, size, mpp, (3, 3), stain, tuple(PlacedCell(t, False, x, y) for t, x, y in cells), base.tint)
+    rgb, _ = render_block(spec, 0, 0, size, size)
+    yy, xx = np.mgrid[0:size, 0:size]
+    r2 = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) / (2 * (size / 2) ** 2)
+    light = GLASS / 255.0 * np.exp(-0.35 * r2)[..., None]
+    camera = np.clip(rgb.astype(np.float64) * light + 0.5, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(camera).save(buffer, format="JPEG", quality=85)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+CELLS = [("neutrophil", 300.0, 260.0), ("lymphocyte", 700.0, 300.0), ("monocyte", 480.0, 700.0),
+         ("blast", 820.0, 800.0)]
+
+
+@pytest.fixture(scope="module")
+def camera_scan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A flat TIFF of a 1024 px camera field at 0.2 µm/px with four white cells."""
+    path = tmp_path_factory.mktemp("camera") / "field.tiff"
+    tifffile.imwrite(path, _field(0.2, 1024, CELLS), photometric="rgb", tile=(256, 256))
+    return path
+
+
+def test_white_point_and_vignetting_are_measured_on_the_image() -> None:
+    rgb = _field(0.2, 1024, CELLS)
+    white = white_point(rgb)
+    # The glass at the centre of the field (vignetting darkens only the corners).
+    assert np.abs(white - GLASS * 0.98).max() < 12
+    gain = illumination(rgb, white)
+    assert gain[512, 512] == pytest.approx(1.0, abs=0.02)
+    assert 0.6 < gain[0, 0] < 0.85      # the corners get ~70 % of the light
+    even = np.full((256, 256, 3), 230, np.uint8)
+    assert (illumination(even, white_point(even)) == 1.0).all()   # an evenly lit field is left alone
+
+
+def test_tinted_vignetted_jpeg_field_is_detected(camera_scan: Path) -> None:
+    slide = WholeSlide("F", camera_scan, mpp_override=0.2)
+    found = detect_cells(slide, DetectOptions(progress=False))
+    truth = np.array([(x, y) for _, x, y in CELLS])
+    recall, precision, _ = recall_precision(truth, found.centres.astype(float), 5.0 / slide.mpp)
+    assert recall == 1.0 and precision == 1.0
+    cal = Calibration.from_dict(found.calibration)
+    assert cal.mpp == pytest.approx(0.2)
+    assert np.abs(np.array(cal.white) - GLASS).max() < 15
+    # The nuclear stain absorbs red and green light much more than blue (violet).
+    assert cal.nuclear[1] > cal.nuclear[2] and cal.nuclear[0] > cal.eosin[0]
+
+
+def test_calibration_is_recorded_in_the_detection_json(camera_scan: Path, tmp_path: Path) -> None:
+    source = open_source(Slide("F", "P", camera_scan, mpp=0.2), tmp_path / "detections", 24.0,
+                         detect_options=DetectOptions(progress=False))
+    meta = json.loads((tmp_path / "detections" / "F.json").read_text())
+    assert meta["calibration"]["mpp"] == pytest.approx(0.2)
+    assert len(meta["calibration"]["white"]) == 3 and f'"version": {DETECTOR_VERSION}' in meta["signature"]
+    assert source.calibration == meta["calibration"]
+    again = open_source(Slide("F", "P", camera_scan, mpp=0.2), tmp_path / "detections", 24.0,
+                        detect_options=DetectOptions(progress=False))
+    assert again.calibration == meta["calibration"]     # reloaded from the cache with the cells
+
+
+def test_morphology_segments_a_crop_of_a_tinted_field() -> None:
+    rgb = _field(0.2, 1024, CELLS)
+    x, y = 700, 300   # the lymphocyte: a round nucleus of ~7 µm
+    crop = rgb[y - 60:y + 60, x - 60:x + 60]
+    cell, nucleus = segment_cell(crop, 0.2, calibrate(rgb, 0.2))
+    assert nucleus[60, 60] and cell[60, 60]
+    area = nucleus.sum() * 0.2 ** 2
+    assert 15 < area < 80 and cell.sum() >= nucleus.sum()
