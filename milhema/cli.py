@@ -74,8 +74,8 @@ def _embed(args: argparse.Namespace) -> int:
         backbone=args.backbone, weights=args.weights, pretrained=not args.no_pretrained, morphology=args.morphology,
         input_size=args.input_size, device=args.device, batch_size=args.batch_size, workers=args.workers,
         shard=parse_shard(args.shard), overwrite=args.overwrite, fail_on_bad_image=args.fail_on_bad_image,
-        progress=not args.quiet, crop_um=args.crop_um,
-        **({"detector": args.detector} if args.detector else {}),
+        progress=not args.quiet, crop_um=args.crop_um, stain_normalize=args.stain_normalize,
+        stain_reference=args.stain_reference, **({"detector": args.detector} if args.detector else {}),
     )
     report = embed_cohort(cohort, args.out, options)
     print(report.summary())
@@ -301,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "external (the cells listed in <image stem>.geojson or .csv beside each scan or field, "
                         "e.g. a QuPath export), or any detector registered with "
                         "milhema.slides.detectors.register_detector")
+    p.add_argument("--stain-normalize", choices=("none", "macenko", "reinhard"), default="none",
+                   help="normalise every crop's stain before the backbone and morphology (torchstain; default "
+                        "none); each slide is mapped onto the reference with its own stain fitted on 32 of its cells")
+    p.add_argument("--stain-reference", type=Path, default=None, metavar="FILE",
+                   help="what to normalise to: the stain_reference.json of an earlier embed (e.g. of the training "
+                        "cohort) or an image; default: fitted on this cohort and saved as OUT/stain_reference.json")
     p.set_defaults(func=_embed, on_interrupt="run the same command again: finished bags are kept")
 
     for name, text in (("train", "train one model, early stopping on an inner validation split"),
