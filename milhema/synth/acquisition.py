@@ -85,7 +85,7 @@ PROFILES: dict[str, AcquisitionProfile] = {p.name: p for p in (
                        0.16, "rapid", 0.9, (250.0, 244.0, 172.0), 0.3, (0.20, 0.60), (3.0, 6.0), 75,
                        (1280, 960)),
     AcquisitionProfile("camera-dim", "camera on a 100x oil objective, under-exposed: dark glass (~165), "
-                       "strong vignetting, dense MGG",
+                       "vignetting, dense MGG",
                        0.08, "mgg", 1.2, (168.0, 158.0, 172.0), 0.25, (0.10, 0.40), (3.0, 6.0), 70,
                        (1280, 960)),
 )}
