@@ -32,9 +32,10 @@ def _synth(args: argparse.Namespace) -> int:
 
     out = synthesize_cohort(args.out, args.patients, args.seed, args.difficulty, cells_per_slide=args.cells,
                             crop_px=args.crop_px, wsi=args.wsi, wsi_size=args.wsi_size, workers=args.workers,
-                            progress=not args.quiet)
-    kind = "scanned smears" if args.wsi else "crop folders"
-    print(f"wrote a simulated cohort of {args.patients} patients ({kind}) to {out}")
+                            progress=not args.quiet, acquisition=args.acquisition, mpp=args.mpp, fields=args.fields)
+    kind = "scanned smears" if args.wsi else "folders of field photographs" if args.fields else "crop folders"
+    look = "" if args.acquisition == "default" else f", acquisition {args.acquisition}"
+    print(f"wrote a simulated cohort of {args.patients} patients ({kind}{look}) to {out}")
     return 0
 
 
@@ -73,8 +74,8 @@ def _embed(args: argparse.Namespace) -> int:
         backbone=args.backbone, weights=args.weights, pretrained=not args.no_pretrained, morphology=args.morphology,
         input_size=args.input_size, device=args.device, batch_size=args.batch_size, workers=args.workers,
         shard=parse_shard(args.shard), overwrite=args.overwrite, fail_on_bad_image=args.fail_on_bad_image,
-        progress=not args.quiet, crop_um=args.crop_um,
-        **({"detector": args.detector} if args.detector else {}),
+        progress=not args.quiet, crop_um=args.crop_um, stain_normalize=args.stain_normalize,
+        stain_reference=args.stain_reference, **({"detector": args.detector} if args.detector else {}),
     )
     report = embed_cohort(cohort, args.out, options)
     print(report.summary())
@@ -282,19 +283,32 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="more log messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("synth", parents=[common], help="write a simulated cohort (manifest, crops, per-cell truth)")
+    from milhema.synth.acquisition import MIXED_PROFILE, PROFILE_NAMES, PROFILES  # light: numpy only
+    profiles = "\n".join([f"  {p.name:<18} {p.describe()}\n  {'':<18} {p.summary}" for p in PROFILES.values()]
+                          + [f"  {MIXED_PROFILE:<18} one named profile per slide (a multi-centre cohort)"])
+    p = sub.add_parser("synth", parents=[common], help="write a simulated cohort (manifest, crops, per-cell truth)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=f"acquisition profiles (--acquisition; docs/SIMULATION.md):\n{profiles}")
     p.add_argument("--out", required=True, type=Path, help="new folder for the cohort")
     p.add_argument("--patients", type=_positive_int, default=40, help="number of patients (default 40)")
     p.add_argument("--seed", type=int, default=0, help="same seed = byte-identical cohort (default 0)")
     p.add_argument("--difficulty", choices=("easy", "default", "hard"), default="default",
                    help="how rare the diagnostic cells are (see docs/SIMULATION.md)")
     p.add_argument("--cells", type=_positive_int, default=None,
-                   help="mean white cells per slide (default 120; 300 with --wsi)")
+                   help="mean white cells per slide (default 120; 300 with --wsi or --fields)")
     p.add_argument("--wsi", action="store_true",
-                   help="write each slide as a pyramidal TIFF scan of a smear (0.25 µm/px) instead of crops")
+                   help="write each slide as a pyramidal TIFF scan of a smear (0.25 µm/px, or the profile's) instead of crops")
     p.add_argument("--wsi-size", type=_positive_int, default=None,
                    help="side of each scan in px (default: room for its cells at a typical density)")
-    p.add_argument("--crop-px", type=_positive_int, default=96, help="crop side in pixels, spanning 24 µm (default 96)")
+    p.add_argument("--fields", action="store_true",
+                   help="write each slide as a folder of photographed fields (kind=fields) instead of crops")
+    p.add_argument("--acquisition", choices=PROFILE_NAMES, default="default", metavar="PROFILE",
+                   help="how the smears were stained and imaged (profiles below; default: the simulator's "
+                        "own look, unchanged; mixed: one profile per slide)")
+    p.add_argument("--mpp", type=float, default=None,
+                   help="µm per pixel of every slide instead of the profile's (0.05-2)")
+    p.add_argument("--crop-px", type=_positive_int, default=None,
+                   help="crop side in pixels, spanning 24 µm (default 96, or 24 µm at the profile's pixel size)")
     p.add_argument("--workers", type=_positive_int, default=None, help="rendering processes (default: CPUs)")
     p.set_defaults(func=_synth)
 
@@ -346,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "external (the cells listed in <image stem>.geojson or .csv beside each scan or field, "
                         "e.g. a QuPath export), or any detector registered with "
                         "milhema.slides.detectors.register_detector")
+    p.add_argument("--stain-normalize", choices=("none", "macenko", "reinhard"), default="none",
+                   help="normalise every crop's stain before the backbone and morphology (torchstain; default "
+                        "none); each slide is mapped onto the reference with its own stain fitted on 32 of its cells")
+    p.add_argument("--stain-reference", type=Path, default=None, metavar="FILE",
+                   help="what to normalise to: the stain_reference.json of an earlier embed (e.g. of the training "
+                        "cohort) or an image; default: fitted on this cohort and saved as OUT/stain_reference.json")
     p.set_defaults(func=_embed, on_interrupt="run the same command again: finished bags are kept")
 
     for name, text in (("train", "train one model, early stopping on an inner validation split"),

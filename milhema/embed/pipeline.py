@@ -4,13 +4,14 @@ Scanned smears and folders of photographed fields are first searched for white c
 chosen detector (:mod:`milhema.slides.detectors`, cached under ``<out>/detections/``); crop
 folders are listed. Then one DataLoader streams the cells of all
 pending slides in order: workers decode crop files or cut ``crop_um`` squares out of the scans,
-resize them (and compute morphology features), the main process normalises and runs the frozen
-backbone in batches, and a background thread writes each bag as soon as its last cell is
+optionally normalise their stain (:mod:`milhema.embed.stain`), resize them (and compute morphology
+features), the main process normalises and runs the frozen backbone in batches, and a background thread writes each bag as soon as its last cell is
 embedded. Finished bags made with the same backbone are skipped, so an interrupted run resumes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -31,7 +32,17 @@ from milhema.data.manifest import Cohort, Slide
 from milhema.device import resolve_device
 from milhema.embed.backbone import DEFAULT_BACKBONE, NO_BACKBONE, Backbone, load_backbone
 from milhema.embed.morphology import MORPHOLOGY_FEATURES, MORPHOLOGY_VERSION, morphology_features
+from milhema.embed.stain import (
+    REFERENCE_FILE,
+    STAIN_METHODS,
+    SlideNormaliser,
+    StainReference,
+    fit_reference,
+    load_reference,
+    sample_indices,
+)
 from milhema.errors import BagError, EmbedError, MilhemaError
+from milhema.io import write_text
 from milhema.slides.calibrate import Calibration
 from milhema.slides.crops import IMAGE_SUFFIXES, CropFolder, check_crop_folder
 from milhema.slides.detect import DetectOptions
@@ -63,6 +74,9 @@ class EmbedOptions:
     progress: bool = True
     crop_um: float = 24.0            # side of a cell crop cut from a scan or field, in µm
     detector: str = DEFAULT_DETECTOR  # a name of milhema.slides.detectors.list_detectors()
+    stain_normalize: str = "none"     # none, macenko or reinhard (milhema.embed.stain)
+    stain_reference: Path | None = None   # stain_reference.json of an earlier embed, or an image; None: fit
+                                          # on this cohort (or reuse <out>/stain_reference.json)
 
 
 @dataclass
@@ -141,23 +155,31 @@ def embed_cohort(cohort: Cohort, out: str | Path, options: EmbedOptions | None =
                          "the source is a feature file, already embedded; train on the cohort as it is "
                          "(no milhema embed, no --bags)")
     get_detector(opts.detector)   # a misspelt --detector fails before the backbone loads
+    if opts.stain_normalize not in STAIN_METHODS:
+        raise EmbedError(f"--stain-normalize must be one of {', '.join(STAIN_METHODS)}, got {opts.stain_normalize!r}")
+    if opts.stain_normalize == "none" and opts.stain_reference is not None:
+        raise EmbedError("--stain-reference needs --stain-normalize macenko or reinhard")
     out.mkdir(parents=True, exist_ok=True)
     index, count = opts.shard
     slides = cohort.slides[index::count]
+    detect = DetectOptions(workers=max(1, min(os.cpu_count() or 1, 8)), progress=opts.progress)
+    reference = _stain_reference(cohort, out, opts, detect)
     backbone = _load(opts)
     report = EmbedReport()
     pending = []
     for slide in slides:
         _remove_stale_temporaries(out, slide.slide_id)
-        signature = _signature(opts, backbone, slide)
+        signature = _signature(opts, backbone, slide, reference)
         if not opts.overwrite and _finished(out / f"{slide.slide_id}.h5", signature):
             report.skipped.append(slide.slide_id)
         else:
             pending.append(slide)
+    if reference is not None:
+        # Beside the bags: what they were normalised to (pass it as --stain-reference for a test cohort).
+        write_text(out / REFERENCE_FILE, reference.to_json())
     if not pending:
         return report
     workers = opts.workers if opts.workers is not None else min(4, max(1, (os.cpu_count() or 2) // 2))
-    detect = DetectOptions(workers=max(1, min(os.cpu_count() or 1, 8)), progress=opts.progress)
     sources = []
     for slide in pending:
         source = open_source(slide, out / "detections", opts.crop_um, opts.detector, detect)
@@ -173,8 +195,9 @@ def embed_cohort(cohort: Cohort, out: str | Path, options: EmbedOptions | None =
         if source.crops is not None:
             _check_crops(source.crops, opts.fail_on_bad_image, report)
     _check_mpp(sources, opts.morphology)
+    normalisers = None if reference is None else [_slide_normaliser(reference, source) for source in sources]
     start = time.perf_counter()
-    _run(out, pending, sources, backbone, opts, report, workers)
+    _run(out, pending, sources, backbone, opts, report, workers, reference, normalisers)
     report.seconds = time.perf_counter() - start
     if whole_cohort and report.cells == 0:
         # Every listed cell was unreadable: empty bags would pass for a finished embedding.
@@ -236,10 +259,13 @@ def _load(opts: EmbedOptions) -> Backbone | None:
     return load_backbone(opts.backbone, opts.weights, pretrained=opts.pretrained, input_size=opts.input_size)
 
 
-def _signature(opts: EmbedOptions, backbone: Backbone | None, slide: Slide) -> str:
+def _signature(opts: EmbedOptions, backbone: Backbone | None, slide: Slide,
+               reference: StainReference | None = None) -> str:
     """What a bag's features depend on; a scan's or fields folder's also on the crop size and the
-    detector's signature (name, version, settings, input files: a change there is a new embedding)."""
-    made = {
+    detector's signature (name, version, settings, input files: a change there is a new embedding);
+    with stain normalisation, the method and the reference's hash (without it, nothing is added, so
+    folders embedded before normalisation existed still resume)."""
+    made: dict[str, object] = {
         "backbone": backbone.name if backbone else NO_BACKBONE,
         "weights_sha256": backbone.weights_sha256 if backbone else "none",
         "input_size": backbone.input_size if backbone else 0,
@@ -248,7 +274,19 @@ def _signature(opts: EmbedOptions, backbone: Backbone | None, slide: Slide) -> s
     if slide.source_kind != "crops":
         made |= {"crop_um": opts.crop_um, "detector": opts.detector,
                  "detect": detection_signature(slide, opts.detector, DetectOptions())}
+    if reference is not None:
+        made |= {"stain_normalize": reference.method, "stain_reference": reference.sha256}
     return json.dumps(made, sort_keys=True)
+
+
+def _stain_of(signature: object) -> str:
+    """``none`` or ``macenko (reference 0123456789ab)``: the normalisation an embed signature records."""
+    try:
+        made = json.loads(str(signature))
+    except ValueError:
+        return "none"
+    method = made.get("stain_normalize", "none") if isinstance(made, dict) else "none"
+    return method if method == "none" else f"{method} (reference {str(made.get('stain_reference'))[:12]})"
 
 
 def _finished(path: Path, signature: str) -> bool:
@@ -262,11 +300,75 @@ def _finished(path: Path, signature: str) -> bool:
         return False
     made_with = attrs.get("embed_signature")
     if made_with != signature:
+        had, want = _stain_of(made_with), _stain_of(signature)
+        if had != want:
+            raise EmbedError(f"{path} was embedded with --stain-normalize {had}, not {want}; use --overwrite to "
+                             "redo it or another --out folder")
         raise EmbedError(f"{path} was embedded with other settings ({made_with}); use --overwrite to redo it "
                          "or another --out folder")
     # An empty bag costs nothing to redo, and its source may have been fixed since (images added,
     # a layout this version reads): it is listed again rather than kept.
     return int(attrs["n_cells"]) > 0
+
+
+_REFERENCE_CELLS_PER_SLIDE = 8     # cells of each slide in a reference fitted on a cohort
+_REFERENCE_SLIDES = 64             # at most this many slides (evenly spaced in slides.csv order)
+_SLIDE_SAMPLE = 32                 # cells on which a slide's own stain parameters are fitted
+
+
+def _stain_reference(cohort: Cohort, out: Path, opts: EmbedOptions, detect: DetectOptions) -> StainReference | None:
+    """The reference of --stain-normalize: --stain-reference, else the one saved in ``out`` by an
+    earlier run, else fitted on a sample of this cohort's cells (the whole cohort, whatever the shard)."""
+    method = opts.stain_normalize
+    if method == "none":
+        return None
+    if opts.stain_reference is not None:
+        return load_reference(opts.stain_reference, method)
+    saved = out / REFERENCE_FILE
+    if saved.is_file() and not opts.overwrite:
+        try:
+            had = str(json.loads(saved.read_text(encoding="utf-8"))["method"])
+        except (OSError, ValueError, KeyError, TypeError):
+            had = method   # unreadable: load_reference names the problem
+        if had != method:
+            raise EmbedError(f"{out} holds bags normalised with --stain-normalize {had} ({REFERENCE_FILE}), not "
+                             f"{method}; use --overwrite to redo them or another --out folder")
+        return load_reference(saved, method)
+    if opts.shard[1] > 1:
+        raise EmbedError("--stain-normalize with --shard needs its reference first: pass --stain-reference FILE "
+                         "(the stain_reference.json of an embedding of the training cohort, or an image)")
+    slides = cohort.slides
+    if len(slides) > _REFERENCE_SLIDES:
+        slides = [slides[int(i)] for i in np.linspace(0, len(slides) - 1, _REFERENCE_SLIDES).round()]
+    crops: list[np.ndarray] = []
+    for slide in slides:
+        source = open_source(slide, out / "detections", opts.crop_um, opts.detector, detect)
+        crops += _sample(source, _REFERENCE_CELLS_PER_SLIDE, 0)
+        source.close()
+    where = f"cohort {cohort.root.name}: {len(crops)} cells of {len(slides)} slides"
+    return fit_reference(method, crops, where)
+
+
+def _sample(source: CellSource, k: int, stream: int) -> list[np.ndarray]:
+    """Up to ``k`` readable cells of a slide, drawn by a generator keyed by the slide id (so a slide
+    gets the same sample in any cohort and any run)."""
+    key = int(hashlib.sha256(source.slide_id.encode()).hexdigest()[:12], 16)
+    out = []
+    for i in sample_indices(len(source), k, (stream, key)):
+        try:
+            out.append(source.read(i))
+        except MilhemaError:
+            continue
+    return out
+
+
+def _slide_normaliser(reference: StainReference, source: CellSource) -> SlideNormaliser:
+    """The slide's own stain parameters, fitted on a sample of its cells (reference ones if it has none)."""
+    sample = _sample(source, _SLIDE_SAMPLE, 1)
+    try:
+        return SlideNormaliser(reference, sample)
+    except EmbedError as exc:
+        raise EmbedError(f"slide {source.slide_id}: {exc}") from None
 
 
 def _remove_stale_temporaries(out: Path, slide_id: str) -> None:
@@ -290,12 +392,13 @@ class _CellImages(Dataset):
     """
 
     def __init__(self, items: list[tuple[int, int]], sources: list[CellSource], input_size: int,
-                 filter_name: str, morphology: bool) -> None:
+                 filter_name: str, morphology: bool, normalisers: list[SlideNormaliser] | None = None) -> None:
         self.items = items
         self.sources = sources
         self.input_size = input_size
         self.resample = _FILTERS.get(filter_name, Image.Resampling.BICUBIC)
         self.morphology = morphology
+        self.normalisers = normalisers
 
     def __len__(self) -> int:
         return len(self.items)
@@ -313,9 +416,13 @@ class _CellImages(Dataset):
                     "image": torch.zeros(3, side, side, dtype=torch.uint8),
                     "thumb": torch.zeros(THUMBNAIL_PX, THUMBNAIL_PX, 3, dtype=torch.uint8),
                     "morph": torch.zeros(n_morph)}
+        # The thumbnail shows the cell as it is; the backbone and the morphology see it normalised.
+        thumb = np.array(Image.fromarray(rgb).resize((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.BILINEAR,
+                                                     reducing_gap=2.0))
+        if self.normalisers is not None:
+            rgb = self.normalisers[slide_index](rgb)
         image = Image.fromarray(rgb)
         resized = np.array(image.resize((size, size), self.resample)) if size else rgb[:1, :1].copy()
-        thumb = np.array(image.resize((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.BILINEAR, reducing_gap=2.0))
         mpp = source.mpp if source.mpp is not None else math.nan
         # A crop cut from a scan is measured against the slide's white point, not its own.
         cal = Calibration.from_dict(source.calibration) if source.calibration else None
@@ -337,7 +444,8 @@ class _SlideBuffer:
 
 
 def _run(out: Path, slides: list[Slide], sources: list[CellSource], backbone: Backbone | None,
-         opts: EmbedOptions, report: EmbedReport, workers: int) -> None:
+         opts: EmbedOptions, report: EmbedReport, workers: int, reference: StainReference | None = None,
+         normalisers: list[SlideNormaliser] | None = None) -> None:
     device = resolve_device(opts.device)
     items = [(i, cell) for i, src in enumerate(sources) for cell in range(len(src))]
     for src in sources:
@@ -345,7 +453,7 @@ def _run(out: Path, slides: list[Slide], sources: list[CellSource], backbone: Ba
         src.close()
     input_size = backbone.input_size if backbone else 0
     dataset = _CellImages(items, sources, input_size, backbone.interpolation if backbone else "bilinear",
-                          opts.morphology)
+                          opts.morphology, normalisers)
     loader = DataLoader(dataset, batch_size=opts.batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if workers > 0 else None)
@@ -365,7 +473,7 @@ def _run(out: Path, slides: list[Slide], sources: list[CellSource], backbone: Ba
         nonlocal next_to_flush
         while next_to_flush < upto:
             buf = buffers[next_to_flush]
-            pending_writes.append(writer.submit(_write, out, buf, backbone, opts, report))
+            pending_writes.append(writer.submit(_write, out, buf, backbone, opts, report, reference))
             next_to_flush += 1
 
     bar = tqdm(total=len(items), desc="embed", unit="cell", disable=None if opts.progress else True, smoothing=0.1)
@@ -413,7 +521,7 @@ def _run(out: Path, slides: list[Slide], sources: list[CellSource], backbone: Ba
 
 
 def _write(out: Path, buf: _SlideBuffer, backbone: Backbone | None, opts: EmbedOptions,
-           report: EmbedReport) -> None:
+           report: EmbedReport, reference: StainReference | None = None) -> None:
     slide, src = buf.slide, buf.source
     n_dims = (backbone.feature_dim if backbone else 0) + (len(MORPHOLOGY_FEATURES) if opts.morphology else 0)
     ok = np.concatenate(buf.ok) if buf.ok else np.zeros(0, bool)
@@ -421,7 +529,7 @@ def _write(out: Path, buf: _SlideBuffer, backbone: Backbone | None, opts: EmbedO
     thumbs = np.concatenate(buf.thumbs)[ok] if buf.thumbs else np.zeros((0, THUMBNAIL_PX, THUMBNAIL_PX, 3), np.uint8)
     keep = np.flatnonzero(ok)
     cell_ids = [src.cell_ids[i] for i in keep]
-    signature = _signature(opts, backbone, slide)
+    signature = _signature(opts, backbone, slide, reference)
     blocks = ([f"{backbone.name}:{backbone.feature_dim}"] if backbone else []) + (
         [f"morphology:{len(MORPHOLOGY_FEATURES)}"] if opts.morphology else [])
     write_bag(
@@ -441,7 +549,9 @@ def _write(out: Path, buf: _SlideBuffer, backbone: Backbone | None, opts: EmbedO
                      "backbone_output": backbone.output if backbone else "",
                      "morphology_features": ",".join(MORPHOLOGY_FEATURES) if opts.morphology else "",
                      # the slide's white point, stain vectors, thresholds and mpp, as the detector measured them
-                     "calibration": json.dumps(src.calibration, sort_keys=True) if src.calibration else ""},
+                     "calibration": json.dumps(src.calibration, sort_keys=True) if src.calibration else "",
+                     "stain_normalize": reference.method if reference else "none",
+                     "stain_reference": reference.to_json() if reference else ""},
     )
     report.written.append(slide.slide_id)
     if len(keep) == 0:

@@ -220,12 +220,18 @@ def render_background_od(shape: tuple[int, int], rng: np.random.Generator, stain
     return od.astype(np.float32, copy=False)
 
 
-def compose(od: np.ndarray, rng: np.random.Generator, stain: Stain) -> np.ndarray:
+def compose(od: np.ndarray, rng: np.random.Generator, stain: Stain, light: np.ndarray | None = None) -> np.ndarray:
     """OD → RGB uint8 [H, W, 3] (255·exp(-od)), then focus blur (stain.blur_sigma) and noise (stain.noise_sd).
 
-    Blur acts on light intensity, as defocus does in the microscope; noise is added last, like the sensor.
+    ``light`` (float32 [H, W, 3] or [3], 0-255 units) is the light reaching each pixel through clean
+    glass: a tinted or dim lamp, vignetting (:class:`~milhema.synth.acquisition.Illumination`);
+    ``None`` is a white lamp of 255. Blur acts on light intensity, as defocus does in the microscope;
+    noise is added last, like the sensor.
     """
-    rgb = np.exp(-np.asarray(od, dtype=np.float32)) * np.float32(255.0)
+    if light is None:
+        rgb = np.exp(-np.asarray(od, dtype=np.float32)) * np.float32(255.0)
+    else:
+        rgb = np.exp(-np.asarray(od, dtype=np.float32)) * np.asarray(light, dtype=np.float32)
     if stain.blur_sigma > 0:
         rgb = ndi.gaussian_filter(rgb, (stain.blur_sigma, stain.blur_sigma, 0.0), truncate=3.0)
     if stain.noise_sd > 0:

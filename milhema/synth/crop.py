@@ -18,9 +18,11 @@ from milhema.synth.stain import Stain, _densities_to_od
 
 
 def render_crop(cell_type: str, rng: np.random.Generator, stain: Stain, size: int = 96,
-                mpp: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                mpp: float | None = None, light: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A single-cell crop as a CellaVision-style export: background + one white cell at the centre (small random
     offset ≤ 2 µm and random rotation). mpp defaults to 24 µm / size (so the crop always spans 24 µm).
+    ``light`` is the light through clean glass (float32 [size, size, 3] or [3], 0-255; default a white lamp
+    of 255), see :func:`~milhema.synth.background.compose`.
     Returns rgb uint8 [size, size, 3] and the nucleus mask bool [size, size] of the central cell.
     """
     if size < 8:
@@ -42,7 +44,7 @@ def render_crop(cell_type: str, rng: np.random.Generator, stain: Stain, size: in
     paste_cell(od, _densities_to_od(cell.dens, stain), cell.cell > 0.5, (cx, cy), alpha=cell.alpha)
     nucleus = np.zeros((size, size), dtype=bool)
     _paste_mask(nucleus, cell.nucleus > 0.5, cx, cy)
-    return compose(od, rng, stain), nucleus
+    return compose(od, rng, stain, light), nucleus
 
 
 def _paste_mask(dst: np.ndarray, mask: np.ndarray, cx: int, cy: int) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 import tifffile
 from tqdm.auto import tqdm
 
+from milhema.synth.acquisition import Illumination
 from milhema.synth.background import (
     _RBC_DIAMETER,
     _RBC_SPACING,
@@ -81,6 +82,8 @@ class SmearSpec:
     stain: Stain
     cells: tuple[PlacedCell, ...]
     tint: tuple[tuple[float, float, float, float], ...]   # (amplitude, fx, fy, phase) of slow stain waves
+    light: Illumination | None = None          # lamp and vignetting; None = a white lamp of 255
+    axis: tuple[float, float] | None = None    # optical axis (px) for vignetting; None = the image centre
 
     @cached_property
     def centres(self) -> np.ndarray:
@@ -237,7 +240,11 @@ def render_block(spec: SmearSpec, x0: int, y0: int, w: int, h: int) -> tuple[np.
             boxes.append((index, round(cell.x) - hx + int(cols[0]), round(cell.y) - hy + int(rows[0]),
                           round(cell.x) - hx + int(cols[-1]) + 1, round(cell.y) - hy + int(rows[-1]) + 1))
     noise_rng = np.random.default_rng([*spec.seed, _STREAM_NOISE, y0, x0])
-    rgb = compose(od, noise_rng, spec.stain)
+    light = None
+    if spec.light is not None:
+        axis = spec.axis or (spec.width / 2.0, spec.height / 2.0)
+        light = spec.light.gain(cx0, cy0, ch, cw, (spec.width, spec.height), axis)
+    rgb = compose(od, noise_rng, spec.stain, light)
     return rgb[m:m + h, m:m + w], boxes
 
 
@@ -269,9 +276,10 @@ def _reduce(block: np.ndarray) -> np.ndarray:
 
 
 def write_smear(path: str | Path, spec: SmearSpec, *, workers: int = 1, progress: bool = False,
-                ) -> list[tuple[object, ...]]:
+                jpeg_quality: int = _JPEG_QUALITY) -> list[tuple[object, ...]]:
     """Render ``spec`` into a pyramidal tiled JPEG TIFF at ``path`` and return one truth row per
     white cell: ``(cell_id, x, y, x0, y0, x1, y1, cell_type, diagnostic)`` in level-0 px.
+    ``jpeg_quality`` (1-100) is that of every tile.
 
     Memory stays around (workers + 1) blocks plus the second pyramid level, which is kept in a
     temporary memory-mapped file next to ``path``. The file appears under its name only when complete.
@@ -314,7 +322,7 @@ def write_smear(path: str | Path, spec: SmearSpec, *, workers: int = 1, progress
                     pool.shutdown(cancel_futures=True)
 
         options: dict[str, Any] = {"tile": (TILE_PX, TILE_PX), "photometric": "rgb", "compression": "jpeg",
-                                   "compressionargs": {"level": _JPEG_QUALITY}, "resolutionunit": "CENTIMETER"}
+                                   "compressionargs": {"level": jpeg_quality}, "resolutionunit": "CENTIMETER"}
         with tifffile.TiffWriter(tmp, bigtiff=True) as tif:
             tif.write(level0_tiles(), shape=(spec.height, spec.width, 3), dtype=np.uint8, subifds=len(shapes) - 1,
                       resolution=(1e4 / spec.mpp, 1e4 / spec.mpp), software="milhema synth",
@@ -329,12 +337,34 @@ def write_smear(path: str | Path, spec: SmearSpec, *, workers: int = 1, progress
                 if k + 1 < len(shapes):
                     level = _reduce_level(level)
     os.replace(tmp, path)
+    return _truth_rows(spec, boxes)
+
+
+def _truth_rows(spec: SmearSpec, boxes: dict[int, tuple[int, ...]]) -> list[tuple[object, ...]]:
     rows: list[tuple[object, ...]] = []
     for index, cell in enumerate(spec.cells):
         bx0, by0, bx1, by1 = boxes[index]
         rows.append((f"cell_{index:05d}", round(cell.x), round(cell.y), bx0, by0, bx1, by1, cell.cell_type,
                      int(cell.diagnostic)))
     return rows
+
+
+def write_field(path: str | Path, spec: SmearSpec, jpeg_quality: int = 90) -> list[tuple[object, ...]]:
+    """Render ``spec`` whole, as one photographed field of view, into an image file at ``path``
+    (JPEG at ``jpeg_quality``, or PNG when it is 0) and return its truth rows as :func:`write_smear`
+    does, in pixels of the field. Meant for camera-sized fields (a few Mpx): the field is one block.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    rgb, found = render_block(spec, 0, 0, spec.width, spec.height)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if jpeg_quality:
+        Image.fromarray(rgb).save(tmp, format="JPEG", quality=int(jpeg_quality))
+    else:
+        Image.fromarray(rgb).save(tmp, format="PNG", compress_level=6)
+    os.replace(tmp, path)
+    return _truth_rows(spec, {b[0]: b[1:] for b in found})
 
 
 def _reduce_level(level: np.ndarray) -> np.ndarray:

@@ -17,6 +17,18 @@ import numpy as np
 # Density layers of a cell, in the order of the rows of the stain matrix.
 _NUC, _CYT, _EOS, _GRA = range(4)
 
+# Colour (RGB 0-255, white light) seen through one unit of each stain, per stain family:
+# (chromatin, basophilic cytoplasm, eosin / red cells, granules). MGG (Pappenheim) nuclei are
+# purple-violet and red cells salmon; Wright nuclei bluer-purple and red cells pink-grey;
+# Wright-Giemsa lies between; quick stains (Diff-Quik, RAL 555: the "rapid stain" of camera set-ups)
+# give magenta-purple nuclei and pale red cells. See docs/DOMAIN.md.
+STAIN_FAMILIES: dict[str, tuple[tuple[float, float, float], ...]] = {
+    "mgg": ((95, 52, 134), (160, 180, 225), (235, 147, 137), (182, 100, 150)),
+    "wright": ((78, 62, 150), (152, 184, 232), (228, 152, 162), (172, 106, 166)),
+    "wright-giemsa": ((86, 56, 142), (156, 182, 228), (232, 149, 150), (178, 102, 158)),
+    "rapid": ((122, 42, 112), (178, 168, 212), (244, 196, 180), (198, 118, 150)),
+}
+
 
 # --------------------------------------------------------------------------------------------
 # Stain
@@ -66,10 +78,27 @@ class Stain:
         )
 
     @classmethod
-    def random(cls, rng: np.random.Generator, strength: float = 1.0) -> Stain:
-        """Random per-slide stain/scanner variation around default (hue & intensity shift of each OD vector, blur 0.3–1.5 px, noise); strength scales the variation (0 = default)."""
-        s = float(max(strength, 0.0))
+    def family(cls, name: str) -> Stain:
+        """The centre of a stain family: ``mgg`` (:meth:`default`), ``wright``, ``wright-giemsa`` or
+        ``rapid`` (a Diff-Quik / RAL 555-type quick stain); see :data:`STAIN_FAMILIES`.
+
+        Raises:
+            ValueError: an unknown family.
+        """
+        if name not in STAIN_FAMILIES:
+            raise ValueError(f"unknown stain family {name!r}; known: {', '.join(STAIN_FAMILIES)}")
+        nucleus, cytoplasm, eosin, granule = STAIN_FAMILIES[name]
         d = cls.default()
+        return cls(_od(nucleus), _od(cytoplasm), _od(eosin), _od(granule), d.background_od, d.blur_sigma,
+                   d.noise_sd)
+
+    @classmethod
+    def random(cls, rng: np.random.Generator, strength: float = 1.0, base: Stain | None = None) -> Stain:
+        """Random per-slide stain/scanner variation around ``base`` (default: :meth:`default`; hue & intensity shift of each OD vector, blur 0.3–1.5 px, noise); strength scales the variation (0 = base).
+
+        The draws are the same whatever ``base``, so a base changes colours, never the rest of a slide."""
+        s = float(max(strength, 0.0))
+        d = cls.default() if base is None else base
         # Smear thickness and staining time darken every stain together; the separate per-stain
         # factors then move the balance (bluer or pinker slides) and the per-channel ones the hue.
         overall = math.exp(rng.normal(0.0, 0.12 * s))
