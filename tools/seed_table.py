@@ -19,7 +19,6 @@ reading a bag. ``--record`` appends the table to docs/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
