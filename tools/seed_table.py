@@ -104,14 +104,17 @@ def columns(m: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def cell(values: Sequence[float], name: str) -> str:
-    """Mean over cohorts, then the per-cohort values."""
+def cell(values: Sequence[float | None], name: str) -> str:
+    """Mean over the cohorts that have the value, then each cohort's value (— where absent)."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if not finite:
         return "—"
-    if name == "log-rank p":
-        return f"{float(np.exp(np.mean(np.log(finite)))):.0e} (" + ", ".join(f"{v:.0e}" for v in finite) + ")"
-    return f"**{np.mean(finite):.3f}** (" + ", ".join(f"{v:.2f}" for v in finite) + ")"
+    p_value = name == "log-rank p"
+    each = ", ".join("—" if v is None or not math.isfinite(v) else f"{v:.0e}" if p_value else f"{v:.2f}"
+                     for v in values)
+    if p_value:   # the geometric mean
+        return f"{float(np.exp(np.mean(np.log(finite)))):.0e} ({each})"
+    return f"**{np.mean(finite):.3f}** ({each})"
 
 
 def main() -> None:
@@ -121,16 +124,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--eval-subsample", type=int, default=0, metavar="K")
     parser.add_argument("--only", nargs="*", default=None, help="columns to show (default: all the runs have)")
+    parser.add_argument("--existing", action="store_true",
+                        help="start no run: tabulate the finished ones (a missing run counts as absent)")
     parser.add_argument("--title", default="## Seed table")
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--record", action="store_true", help="append the table to docs/RESULTS.md")
     args = parser.parse_args()
     data = [(Path(c), Path(b)) for c, _, b in (d.partition(":") for d in args.data)]
-    rows: list[tuple[str, dict[str, list[float]]]] = []
+    rows: list[tuple[str, dict[str, dict[str, float]]]] = []   # variant -> cohort -> column -> value
     for text in args.variant:
         name, config, overrides = parse_variant(text)
-        values: dict[str, list[float]] = {}
+        per_cohort: dict[str, dict[str, float]] = {}
         for cohort_dir, bags in data:
+            if args.existing and not (args.out / name / cohort_dir.name / "metrics.json").is_file():
+                print(f"{name} on {cohort_dir.name}: no finished run", flush=True)
+                continue
             m = run_variant(name, config, overrides, cohort_dir, bags, args.out)
             found = columns(m)
             if args.eval_subsample and "patient" in m:
@@ -139,17 +147,17 @@ def main() -> None:
                           f"balanced accuracy, mean of {args.eval_subsample} subsamples": r["ba_sub"],
                           "macro-AUROC, whole bags": r["auroc_whole"],
                           f"macro-AUROC, mean of {args.eval_subsample} subsamples": r["auroc_sub"]}
-            for key, value in found.items():
-                values.setdefault(key, []).append(value)
+            per_cohort[cohort_dir.name] = found
             print(f"{name} on {cohort_dir.name}: " + ", ".join(f"{k} {v:.3g}" for k, v in found.items()), flush=True)
-        rows.append((name, values))
-    names = list(dict.fromkeys(k for _, v in rows for k in v))
+        rows.append((name, per_cohort))
+    names = list(dict.fromkeys(k for _, v in rows for found in v.values() for k in found))
     if args.only:
         names = [n for n in names if n in args.only]
-    cohorts = ", ".join(c.name for c, _ in data)
-    lines = [args.title, "", f"Mean over the cohorts ({cohorts}), then each cohort's value.", "",
+    cohorts = [c.name for c, _ in data]
+    lines = [args.title, "", f"Mean over the cohorts, then the value of each ({', '.join(cohorts)}; — = not run).", "",
              "| variant | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(cell(v.get(n, []), n) for n in names) + " |" for name, v in rows]
+    lines += [f"| {name} | " + " | ".join(cell([v.get(c, {}).get(n) for c in cohorts], n) for n in names) + " |"
+              for name, v in rows if v]
     text = report(lines, args.record, RESULTS_MD)
     if args.markdown:
         args.markdown.write_text(text, encoding="utf-8")
