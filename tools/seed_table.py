@@ -19,6 +19,7 @@ reading a bag. ``--record`` appends the table to docs/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Sequence
@@ -61,7 +62,11 @@ def run_variant(name: str, config: Path | None, overrides: Sequence[str], cohort
 
 def rescore(folder: Path, cohort_dir: Path, bags: Path, draws: int) -> dict[str, float]:
     """Balanced accuracy and macro-AUROC of a cv run's repeat-0 checkpoints on their test patients,
-    with whole bags and with ``draws`` subsampled evaluations of ``data.max_cells`` cells."""
+    with whole bags and with ``draws`` subsampled evaluations of ``data.max_cells`` cells (kept in
+    ``folder/rescore_<draws>.json``)."""
+    saved = folder / f"rescore_{draws}.json"   # beside the run: computed once
+    if saved.is_file():
+        return dict(json.loads(saved.read_text()))
     settings = load_config(folder / "config.yaml")
     cohort = load_cohort(cohort_dir, settings.data.classes, settings.data.patient_features)
     k = len(cohort.classes)
@@ -78,8 +83,10 @@ def rescore(folder: Path, cohort_dir: Path, bags: Path, draws: int) -> dict[str,
         ys.append(cohort.labels(meta["test_patients"]))
     y = np.concatenate(ys)
     pw, ps = np.concatenate(whole), np.concatenate(sub)
-    return {"ba_whole": balanced_accuracy(y, pw.argmax(1), k), "ba_sub": balanced_accuracy(y, ps.argmax(1), k),
-            "auroc_whole": macro_auroc(y, pw, k), "auroc_sub": macro_auroc(y, ps, k)}
+    scores = {"ba_whole": balanced_accuracy(y, pw.argmax(1), k), "ba_sub": balanced_accuracy(y, ps.argmax(1), k),
+              "auroc_whole": macro_auroc(y, pw, k), "auroc_sub": macro_auroc(y, ps, k)}
+    saved.write_text(json.dumps(scores) + "\n")
+    return scores
 
 
 def columns(m: dict[str, Any]) -> dict[str, float]:
