@@ -41,6 +41,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # Training subsamples each bag to this many cells per step (evaluation uses whole bags):
         # on small cohorts the subsampling is a strong augmentation (see docs/RESULTS.md).
         "max_cells": 128,
+        # Evaluation (validation, test folds, predict): 0 = each bag whole; K > 0 = the mean of K
+        # predictions of `max_cells`-cell subsamples, the inputs training saw (cell scores still
+        # come from the whole bag). See docs/RESULTS.md for which model families gain from it.
+        "eval_subsample": 0,
         "standardize_features": True,
         # true: every bag is read from disk once and kept in memory; false: bags are streamed from
         # their HDF5 files at every access (cohorts larger than RAM train in bounded memory).
@@ -75,6 +79,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "warmup_epochs": 2,
         "grad_clip": 1.0,
         "patience": 40,
+        # true: batches of bags of similar length (little padding); false: batches drawn at random.
+        # A Cox loss ranks the patients of one batch only, so bucketing also decides who is compared
+        # with whom (see milhema/train/survival.py: cox_loss).
+        "bucketing": True,
         "val_fraction": 0.2,
         "seed": 0,
         "device": "auto",
@@ -370,7 +378,7 @@ def _validate_data(data: Mapping[str, Any]) -> None:
     blocks = data["feature_blocks"]
     if blocks is not None and (not isinstance(blocks, list) or not blocks or not all(isinstance(b, str) for b in blocks)):
         raise ConfigError(f"data.feature_blocks must be null or a list of block names like [morphology], got {blocks!r}")
-    _at_least(data, "data", {"max_cells": 1, "workers": 0})
+    _at_least(data, "data", {"max_cells": 1, "workers": 0, "eval_subsample": 0})
 
 
 def _validate_loss(loss: Mapping[str, Any]) -> None:

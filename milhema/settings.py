@@ -32,6 +32,7 @@ class DataSettings:
     views: tuple[str, ...] | None
     feature_blocks: tuple[str, ...] | None
     max_cells: int
+    eval_subsample: int
     standardize_features: bool
     cache: bool
     workers: int
@@ -94,6 +95,7 @@ class TrainSettings:
     warmup_epochs: int
     grad_clip: float
     patience: int
+    bucketing: bool
     val_fraction: float
     seed: int
     device: str

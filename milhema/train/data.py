@@ -392,12 +392,14 @@ def collate(bags: Sequence[PatientBag]) -> Batch:
 
 
 def bucketed_batches(lengths: Sequence[int] | np.ndarray, batch_size: int, rng: np.random.Generator | None,
-                     max_cells: int | None = None) -> Iterator[list[int]]:
+                     max_cells: int | None = None, bucketing: bool = True) -> Iterator[list[int]]:
     """Indices of bags grouped by similar length; shuffled when ``rng`` is given.
 
     ``lengths[i]`` is the number of cells of bag i. Bags are shuffled, cut into pools of 50
     batches, sorted by length within a pool and batched; the batches are then shuffled. Without
-    ``rng`` the order is by length (evaluation).
+    ``rng`` the order is by length (evaluation). ``bucketing=False`` (``train.bucketing``) cuts
+    the shuffled bags into batches as they come: each batch is a random draw of bags, whatever
+    their lengths (more padding; a Cox loss then compares random patients).
     """
     lens = np.asarray(lengths)
     if max_cells:
@@ -407,6 +409,9 @@ def bucketed_batches(lengths: Sequence[int] | np.ndarray, batch_size: int, rng: 
         yield from (order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size))
         return
     order = rng.permutation(len(lens))
+    if not bucketing:
+        yield from (order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size))
+        return
     pool = batch_size * 50
     batches = []
     for start in range(0, len(order), pool):
@@ -432,10 +437,11 @@ class EpochSampler:
     seed: int
     ranks: Ranks = field(default_factory=Ranks)
     epoch: int = 0
+    bucketing: bool = True
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        batches = list(bucketed_batches(self.lengths, self.batch_size, rng, self.max_cells))
+        batches = list(bucketed_batches(self.lengths, self.batch_size, rng, self.max_cells, self.bucketing))
         for batch in shard(batches, self.ranks):
             yield [(self.epoch, i) for i in batch]
 
@@ -466,15 +472,16 @@ class TrainingBags(torch.utils.data.Dataset):
 
 
 def training_loader(bags: Sequence[PatientBag], batch_size: int, max_cells: int | None, seed: int, *,
-                    ranks: Ranks | None = None, workers: int = 0,
-                    pin_memory: bool = False) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
+                    ranks: Ranks | None = None, workers: int = 0, pin_memory: bool = False,
+                    bucketing: bool = True) -> tuple[torch.utils.data.DataLoader, EpochSampler]:
     """Batches of subsampled training bags, read by ``workers`` processes (0 = this process).
 
     Returns the loader and its sampler; set ``sampler.epoch`` before each epoch. Workers stay
-    alive across epochs, so each opens a bag file at most once.
+    alive across epochs, so each opens a bag file at most once. ``bucketing``: see
+    :func:`bucketed_batches`.
     """
     seq = as_bags(bags)
-    sampler = EpochSampler(seq.lengths, batch_size, max_cells, seed, ranks or Ranks())
+    sampler = EpochSampler(seq.lengths, batch_size, max_cells, seed, ranks or Ranks(), bucketing=bucketing)
     if workers > 0:
         seq.close()
     # The loader's own generator: drawing its worker seeds from the global one would shift dropout

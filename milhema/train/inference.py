@@ -8,12 +8,14 @@ slides, and occlusion (each cell's effect on the predicted probabilities).
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from milhema.models import MILOutput
 from milhema.train import distributed
 from milhema.train.data import Batch, PatientBag, as_bags, bucketed_batches, collate
 from milhema.train.distributed import Ranks
@@ -51,7 +53,11 @@ class FoldPredictions:
 @torch.no_grad()
 def predict(model: PatientModel, bags: Sequence[PatientBag], batch_size: int, *, device: torch.device,
             ranks: Ranks | None = None) -> Prediction:
-    """Class probabilities and per-cell scores of whole bags (no subsampling).
+    """Class probabilities and per-cell scores of whole bags.
+
+    A model with ``eval_subsample`` (``data.eval_subsample: K``) reports for each bag the mean
+    probabilities (and survival outputs) of K subsamples of ``data.max_cells`` cells, the inputs it
+    was trained on; its cell scores are still those of the whole bag.
 
     Always in float32, even inside a caller's autocast: bf16 rounds attention logits so coarsely
     that hundreds of cells share a score (a probe on bf16 evaluation found 148-327 distinct
@@ -66,15 +72,21 @@ def predict(model: PatientModel, bags: Sequence[PatientBag], batch_size: int, *,
     head = model.survival
     mine: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None, float, np.ndarray | None]] = {}
     for idx in distributed.shard_eval(list(bucketed_batches(bags.lengths, batch_size, None)), ranks):
-        batch = collate([bags[i] for i in idx]).to(device)
+        group = [bags[i] for i in idx]
         with torch.autocast(device.type, enabled=False):
-            out = model(batch)
-        p = torch.softmax(out.logits.float() / model.temperature, dim=1).cpu().numpy()
+            out = model(collate(group).to(device))
         scores = out.cell_scores.float().cpu().numpy()
         cls = out.class_cell_scores.float().cpu().numpy() if out.class_cell_scores is not None else None
-        surv = out.survival.float() if head is not None else None
-        raw = surv.cpu().numpy() if surv is not None else None
-        risk = head.risk(surv).cpu().numpy() if head is not None and surv is not None else None
+        if model.eval_subsample is None:
+            p, raw, risk = _outputs(model, out)
+        else:  # the mean over subsampled passes; the cell scores above stay those of the whole bag
+            draws, cells = model.eval_subsample
+            passes = []
+            for draw in range(draws):
+                with torch.autocast(device.type, enabled=False):
+                    passes.append(_outputs(model, model(collate([subsample(b, cells, draw) for b in group]).to(device))))
+            p = np.mean([q for q, _, _ in passes], axis=0)
+            raw, risk = _mean([r for _, r, _ in passes]), _mean([r for _, _, r in passes])
         for row, i in enumerate(idx):
             n = int(bags.lengths[i])
             mine[i] = (p[row], scores[row, :n], None if cls is None else cls[row, :n],
@@ -89,6 +101,35 @@ def predict(model: PatientModel, bags: Sequence[PatientBag], batch_size: int, *,
                np.array([results[i][4] for i in order], np.float64).reshape(len(bags), head.linear.out_features))
     return Prediction(probs, [results[i][1] for i in order], [results[i][2] for i in order],
                       np.array([results[i][3] for i in order], np.float64), raw_out)
+
+
+def _outputs(model: PatientModel, out: MILOutput) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Calibrated probabilities ``[B, K]``, raw survival output and risk ``[B]`` (None without a survival head)."""
+    p = torch.softmax(out.logits.float() / model.temperature, dim=1).cpu().numpy()
+    head = model.survival
+    if head is None or out.survival is None:
+        return p, None, None
+    surv = out.survival.float()
+    return p, surv.cpu().numpy(), head.risk(surv).cpu().numpy()
+
+
+def _mean(parts: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """Element-wise mean of the passes' outputs; None for an output the model does not have."""
+    arrays = [a for a in parts if a is not None]
+    return np.mean(arrays, axis=0) if arrays else None
+
+
+def subsample(bag: PatientBag, cells: int, draw: int) -> PatientBag:
+    """Evaluation subsample ``draw`` of ``cells`` cells of ``bag`` (the whole bag if it has no more).
+
+    Drawn from the bag's identity (patient, slides, size) and ``draw``, not from a global state, so
+    a patient gets the same subsamples in cv, in ``predict`` and in any batch or process.
+    """
+    if bag.n_cells <= cells:
+        return bag
+    key = zlib.crc32("\x00".join([bag.patient_id, *bag.slide_ids]).encode("utf-8"))
+    rng = np.random.default_rng([key, bag.n_cells, draw])
+    return bag.cells(np.sort(rng.choice(bag.n_cells, cells, replace=False)))
 
 
 def predict_patients(model: PatientModel, bags: Sequence[PatientBag], batch_size: int, device: torch.device,

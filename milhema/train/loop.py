@@ -104,7 +104,8 @@ def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientB
     train = as_bags(train)
     weights = class_weights(train.labels, len(data.classes)).to(device) if settings.loss.class_weights else None
     loader, sampler = training_loader(train, t.batch_size, data.max_cells, seed, ranks=ranks,
-                                      workers=data.workers, pin_memory=device.type == "cuda")
+                                      workers=data.workers, pin_memory=device.type == "cuda",
+                                      bucketing=t.bucketing)
     net = distributed.wrap(model, ranks, device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     steps = len(sampler)

@@ -27,6 +27,10 @@ class PatientModel(nn.Module):
 
     ``temperature`` divides the logits when probabilities are reported (:mod:`milhema.train.calibration`):
     1.0 while training, fitted on the inner validation split after it, and kept in the checkpoint.
+
+    ``eval_subsample`` is ``(draws, cells)`` when the spec asks for subsampled evaluation
+    (``data.eval_subsample``): :func:`~milhema.train.inference.predict` then reports the mean of
+    ``draws`` predictions of ``cells``-cell subsamples of each bag; None = whole bags.
     """
 
     def __init__(self, mil: MILModel, feature_norm: FeatureNorm, cbc_encoder: CBCEncoder | None,
@@ -38,6 +42,8 @@ class PatientModel(nn.Module):
         self.survival = survival
         self.spec = dict(spec or {})
         self.temperature = 1.0
+        sub = self.spec.get("eval_subsample")
+        self.eval_subsample: tuple[int, int] | None = (int(sub["draws"]), int(sub["cells"])) if sub else None
 
     def forward(self, batch: Batch) -> MILOutput:
         x = self.feature_norm(batch.x)
@@ -69,7 +75,13 @@ def model_spec(settings: Settings, in_dim: int, classes: Sequence[str], patient_
         "tasks": list(loss.task),
         # Bin edges of a discrete-time head are added from the training patients (train_model).
         "survival": {"kind": loss.survival, "bins": loss.survival_bins} if loss.has_survival else None,
-    }
+    } | _eval_subsample(settings)
+
+
+def _eval_subsample(settings: Settings) -> dict[str, Any]:
+    """The spec's ``eval_subsample`` entry, present only when it is on (older specs stay as they were)."""
+    draws = settings.data.eval_subsample
+    return {"eval_subsample": {"draws": draws, "cells": settings.data.max_cells}} if draws > 0 else {}
 
 
 def build_model(spec: Mapping[str, Any]) -> PatientModel:

@@ -82,6 +82,14 @@ def cox_loss(risk: Tensor, time: Tensor, event: Tensor) -> Tensor:
 
     risk, time, event: ``[n]``. Each event at time t contributes ``risk_i − log Σ_{t_j ≥ t} exp(risk_j)``.
     Returns 0 (with a gradient path) when the batch has no event: such a batch carries no ranking.
+
+    In training the ``n`` patients are one mini-batch, so the risk sets hold only the patients of
+    that batch (a stochastic approximation of the full partial likelihood, as in DeepSurv-style
+    training): a patient is compared only with the others drawn into its batch. Larger batches
+    (``train.batch_size``) give larger risk sets. Length-bucketed batches (``train.bucketing:
+    true``, the default) put bags of similar cell counts together, so when the number of cells
+    goes with the outcome the risk sets are not random samples of the cohort;
+    ``train.bucketing: false`` draws each batch at random (docs/RESULTS.md measures both).
     """
     n_events = event.sum()
     if risk.numel() == 0 or float(n_events) == 0:

@@ -1,0 +1,50 @@
+"""The benchmark tools' data writers (issue 18 items 9 and 14): what they write is a valid cohort."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from milhema.bags import read_bag
+from milhema.data import load_cohort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import bench_mil  # noqa: E402
+import seed_table  # noqa: E402
+import witness_cohort  # noqa: E402
+
+
+def test_benchmark_csv_becomes_one_patient_per_bag(tmp_path: Path) -> None:
+    rows = [[1, 7, 0.5, 1.0], [1, 7, 0.25, 2.0], [0, 9, -1.0, 3.0], [1, 11, 4.0, 4.0]]
+    csv_path = tmp_path / "toy.csv"
+    csv_path.write_text("\n".join(",".join(str(v) for v in r) for r in rows) + "\n")
+    cohort_dir, bags = bench_mil.write_dataset(csv_path, tmp_path / "out")
+    cohort = load_cohort(cohort_dir, list(bench_mil.CLASSES))
+    assert cohort.patient_ids == ["B007", "B009", "B011"]
+    assert cohort.labels(cohort.patient_ids).tolist() == [1, 0, 1]
+    bag = read_bag(bags / "B007_S0.h5")
+    np.testing.assert_allclose(bag.features, [[0.5, 1.0], [0.25, 2.0]])
+    assert bag.patient_id == "B007"
+
+
+def test_witness_cohort_plants_the_asked_fraction(tmp_path: Path) -> None:
+    cohort_dir, bags = witness_cohort.write_cohort(tmp_path, seed=1, patients=4, fraction=0.01, cells=(300, 400),
+                                                   shift=2.0, dim=6)
+    cohort = load_cohort(cohort_dir, list(witness_cohort.CLASSES))
+    for pid, label in zip(cohort.patient_ids, cohort.labels(cohort.patient_ids).tolist(), strict=True):
+        bag = read_bag(bags / f"{pid}_S0.h5", thumbnails=False)
+        assert bag.diagnostic is not None and 300 <= bag.n_cells <= 400
+        witnesses = int(bag.diagnostic.sum())
+        assert witnesses == (round(0.01 * bag.n_cells) if label == 1 else 0)
+        if witnesses:
+            assert bag.features[bag.diagnostic, :4].mean() > bag.features[~bag.diagnostic, :4].mean() + 1.0
+
+
+def test_seed_table_cells_and_variants() -> None:
+    assert seed_table.parse_variant("a=configs/x.yaml:train.lr=1e-3:data.max_cells=64") == (
+        "a", Path("configs/x.yaml"), ["train.lr=1e-3", "data.max_cells=64"])
+    assert seed_table.parse_variant("b=-:model.name=maxpool")[1] is None
+    assert seed_table.cell([0.5, None, 0.7], "balanced accuracy") == "**0.600** (0.50, —, 0.70)"
+    assert seed_table.cell([None], "c-index") == "—"
