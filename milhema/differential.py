@@ -332,3 +332,17 @@ def with_differential(cohort: Cohort, bags: Path | None, patient_ids: Sequence[s
         patients[pid] = dataclasses.replace(patients[pid], values={**patients[pid].values,
                                                                    **{c: values[c] for c in derived}})
     return dataclasses.replace(cohort, patients=patients), example.predictions.classifier_sha256
+
+
+def differential_columns(cohort: Cohort, bags: Path | None, patient_ids: Sequence[str]) -> dict[str, list[float]]:
+    """The predicted differential of each of ``patient_ids`` as table columns (``diff_<type>``,
+    ``anomaly_<attribute>`` in percent, NaN for a patient without predictions on every slide), for the
+    tracker's predictions table; ``{}`` when no bag carries a cell classifier's predictions."""
+    try:
+        found = read_slide_predictions(cohort, bags, patient_ids, required=False)
+    except MilhemaError:   # bags of different classifiers: the table shows no differential
+        return {}
+    values = {pid: patient_values(slides) for pid, slides in found.items()
+              if len(slides) == len(cohort.slides_of(pid))}
+    names = list(dict.fromkeys(name for v in values.values() for name in v))
+    return {name: [values.get(pid, {}).get(name, math.nan) for pid in patient_ids] for name in names}

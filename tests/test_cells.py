@@ -153,7 +153,7 @@ def test_differential_is_a_patient_feature_and_a_predict_output(cells: Cells, tm
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     run, out = tmp_path / "cv", tmp_path / "pred"
     features = ["--set", "data.patient_features=[wbc, diff_blast, diff_reactive_lymphocyte, anomaly_vacuoles]",
-                "data.log_features=[wbc]", "train.epochs=3", "model.hidden_dim=8", "tracking.mode=disabled"]
+                "data.log_features=[wbc]", "train.epochs=3", "model.hidden_dim=8", "tracking.mode=offline"]
     with one_thread():
         assert main(["cv", "--cohort", str(cells.cohort), "--bags", str(cells.bags), "--out", str(run), "--folds", "2",
                      *features, "-q"]) == 0
@@ -175,6 +175,12 @@ def test_differential_is_a_patient_feature_and_a_predict_output(cells: Cells, tm
         assert all(float(r["ci_low"]) <= float(r["percent"]) <= float(r["ci_high"]) for r in mine)
     with open(out / "anomalies.csv", encoding="utf-8") as fh:
         assert {r["attribute"] for r in csv.DictReader(fh)} == {"vacuoles", "hypogranular", "pseudo_pelger", "auer_rod"}
+    # W&B's predictions table shows each patient's predicted differential beside the prediction.
+    (table,) = (run / "wandb").rglob("predictions_*.table.json")
+    logged = json.loads(table.read_text())
+    blast = logged["columns"].index("diff_blast")
+    by_pseudonym = sorted(row[blast] for row in logged["data"])
+    assert by_pseudonym == pytest.approx(sorted(float(r["percent"]) for r in pooled if r["type"] == "blast"), abs=0.01)
     # The report shows the predicted differential (expected counts, the same percentages as predict's).
     first = cohort.patient_ids[0]
     with one_thread():

@@ -21,6 +21,7 @@ from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 from milhema.data.manifest import Cohort
+from milhema.differential import differential_columns
 from milhema.errors import MilhemaError
 from milhema.io import partial_folder, write_csv, write_text
 from milhema.settings import Settings
@@ -81,6 +82,7 @@ class CvPlan:
     event: np.ndarray
     cbc: np.ndarray
     occluded: frozenset[str] = frozenset()
+    bags: Path | None = None
 
     @classmethod
     def build(cls, settings: Settings, cohort: Cohort, bags: Path | None) -> CvPlan:
@@ -93,7 +95,7 @@ class CvPlan:
         strata = y if settings.loss.has_classification else event_strata(event, settings.cv.folds)
         return cls(settings, cohort, prepared, y, strata, time_, event,
                    cbc_design(cohort, ids, settings.data.log_features),
-                   _occlusion_subset(ids, strata, settings.cv.occlusion_patients, settings.train.seed))
+                   _occlusion_subset(ids, strata, settings.cv.occlusion_patients, settings.train.seed), bags)
 
     @property
     def ids(self) -> list[str]:
@@ -420,8 +422,10 @@ def write_outputs(run: RunFolder, results: CvResults, metrics: Mapping[str, Any]
     plots = {"patient": (plan.y, mean_probs)}
     if plan.has_baseline:
         plots["baselines/cbc_only/patient"] = (plan.y, results.cbc_probs.mean(axis=0))
+    # The predicted differential beside each patient's prediction, when the bags carry one.
+    extra = {"fold": results.fold_of[0].tolist(), **differential_columns(plan.cohort, plan.bags, ids)}
     publish(run, metrics, "predictions", ids, labels, mean_probs, classes,
-            plots if plan.settings.loss.has_classification else {}, {"fold": results.fold_of[0].tolist()})
+            plots if plan.settings.loss.has_classification else {}, extra)
 
 
 def _folds(plan: CvPlan, results: CvResults) -> Iterator[Fold]:
