@@ -183,6 +183,8 @@ def _predict(args: argparse.Namespace) -> int:
         for name in ("balanced_accuracy", "macro_auroc", "ece"):
             beside = f"CBC only {format_ci(base[name])}" if base else ""
             print(f"  {name:<18} {format_ci(m['patient'][name]):<22} {beside}".rstrip())
+        if "baselines_note" in m:
+            print(f"  ({m['baselines_note']})")
     return 0
 
 

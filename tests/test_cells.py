@@ -163,6 +163,10 @@ def test_differential_is_a_patient_feature_and_a_predict_output(cells: Cells, tm
         assert meta["spec"]["cbc_columns"] == ["wbc", "diff_blast", "diff_reactive_lymphocyte", "anomaly_vacuoles"]
         assert main(["predict", "--run", str(run), "--cohort", str(cells.cohort), "--bags", str(cells.bags),
                      "--out", str(out), "-q"]) == 0
+    # The run's own patients are predicted out of fold; its CBC-only model was fitted on them: no in-sample baseline.
+    validation = json.loads((out / "metrics.json").read_text())
+    assert validation["out_of_fold_patients"] == 16 and "cbc_only" not in validation["baselines"]
+    assert "fitted on the 16 run patients" in validation["baselines_note"]
     with open(out / "differential.csv", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     cohort = load_cohort(cells.cohort, CLASSES, ())

@@ -282,7 +282,12 @@ def validation_metrics(loaded: LoadedRun, cohort: Cohort, ids: Sequence[str], pr
         "baselines": {},
     }
     baseline = loaded.run / BASELINE_FILE
-    if baseline.is_file():
+    if metrics["out_of_fold_patients"]:
+        # The CBC-only model was fitted on every patient of the run: on them it would be scored in sample
+        # beside out-of-fold predictions. cv's metrics.json holds its out-of-fold baseline.
+        metrics["baselines_note"] = (f"no CBC-only baseline: it was fitted on the {metrics['out_of_fold_patients']} "
+                                     "run patients among these; the run's metrics.json has its out-of-fold baseline")
+    elif baseline.is_file():
         params = json.loads(baseline.read_text(encoding="utf-8"))
         x = cbc_design(cohort, [ids[i] for i in labelled], params["log_columns"])
         order = [cohort.patient_features.index(c) for c in params["columns"]]
