@@ -84,7 +84,10 @@ def test_types_are_learnt_above_chance_on_held_out_patients(cells: Cells) -> Non
     counts = np.array(t["confusion_matrix"]["counts"])
     assert counts.sum() == m["n_cells"] and counts.shape == (15, 15)
     assert [v["support"] for v in t["per_type"].values()] == counts.sum(axis=1).tolist()
-    assert m["calibration"]["ece"]["after"] < m["calibration"]["ece"]["before"]
+    # Out-of-fold probabilities are calibrated (temperature scaling minimises the validation NLL, not the
+    # ECE: on a classifier already calibrated it may move the ECE a little either way).
+    ece = m["calibration"]["ece"]
+    assert ece["after"] < 0.05 and ece["after"] <= ece["before"] + 0.01, ece
     assert m["differential"]["mae_pp_mean_over_types"] < 5.0
     files = {p.relative_to(cells.run).as_posix() for p in cells.run.rglob("*") if p.is_file()}
     assert {"config.yaml", "classifier.json", "metrics.json", "confusion.png", "cell_predictions.csv",
