@@ -1,7 +1,7 @@
 """Active learning for the cell classifier: labels needed per strategy (docs/RESULTS.md).
 
     OMP_NUM_THREADS=1 python tools/bench_active.py --work /tmp/bench_active [--patients 80] [--seed 11]
-        [--cells 60] [--seeds 3] [--budgets 50,100,200,400,800,1600] [--epochs 60]
+        [--cells 60] [--seeds 3] [--budgets 50,100,200,400,800,1600,3200] [--epochs 40]
 
 A simulated cohort (``milhema synth``, default difficulty, every cell with its true type) embedded
 with the 16 morphology features (``milhema embed --backbone none --morphology``), both through the
@@ -19,8 +19,8 @@ command line and kept in ``--work`` for a rerun. Then, through the library funct
 Score: balanced accuracy (mean recall over the types present) of the held-out patients' cells,
 with the ``cells train`` decision (``argmax p / training frequency``). The labels each strategy
 needs to reach 95 % of the fully supervised accuracy are read from the mean curve over seeds,
-interpolated linearly in log(labels) between budgets. Prints markdown tables; writes
-``summary.json`` into ``--work``.
+interpolated linearly in log(labels) between budgets, and per seed. Prints markdown tables; writes
+``summary.json`` into ``--work``; ``--report`` prints them again from it without training.
 """
 
 from __future__ import annotations
@@ -114,10 +114,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=11, help="the cohort's seed")
     parser.add_argument("--cells", type=int, default=60, help="mean cells per slide")
     parser.add_argument("--seeds", type=int, default=3, help="repeats (split, start set, training seed)")
-    parser.add_argument("--budgets", default="50,100,200,400,800,1600")
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--budgets", default="50,100,200,400,800,1600,3200")
+    parser.add_argument("--epochs", type=int, default=40, help="cells.epochs of each round's classifier (patience 10)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--report", action="store_true", help="only print the tables of --work/summary.json")
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads((args.work / "summary.json").read_text())
+        results = {"curves": saved["curves"], "full": saved["full"], "pool": saved["pool_cells"],
+                   "test_cells": saved["test_cells"]}
+        args.seeds = len(saved["full"])
+        report(results, saved["budgets"], list(saved["curves"]), args, saved["seconds"], write=False)
+        return
     torch.set_num_threads(1)
     started = time.perf_counter()
     cohort_dir, bags = prepare(args.work, args.patients, args.seed, args.cells)
@@ -148,7 +156,7 @@ def main() -> None:
 
 
 def report(results: dict[str, Any], budgets: list[int], strategies: list[str], args: argparse.Namespace,
-           seconds: float) -> None:
+           seconds: float, write: bool = True) -> None:
     full = float(np.mean(results["full"]))
     target = 0.95 * full
     print(f"\nfully supervised (every pool cell, {int(np.mean(results['pool']))} on average): balanced accuracy "
@@ -165,12 +173,24 @@ def report(results: dict[str, Any], budgets: list[int], strategies: list[str], a
         cells = [f"{m:.3f} ± {s:.3f}" for m, s in zip(curves.mean(axis=0), curves.std(axis=0), strict=True)]
         ratio = needed[strategy] / needed["random"] if "random" in needed else math.nan
         shown = f"{needed[strategy]:.0f}" if math.isfinite(needed[strategy]) else f"> {budgets[-1]}"
-        print(f"| {strategy} | " + " | ".join(cells) + f" | {shown} | {ratio:.2f} |")
-    print(f"\n({args.seeds} seeds, mean ± sd; {seconds / 60:.1f} min)")
+        print(f"| {strategy} | " + " | ".join(cells) + f" | {shown} | "
+              f"{f'{ratio:.2f}' if math.isfinite(ratio) else '–'} |")
+    print(f"\n({args.seeds} seeds, mean ± sd; {seconds / 60:.1f} min)\n")
+    print("Per seed (each against 95 % of its own fully supervised accuracy): labels needed (ratio to random)")
+    for strategy in strategies:
+        shown = []
+        for seed, full_seed in enumerate(results["full"]):
+            n = labels_to_reach(budgets, results["curves"][strategy][seed], 0.95 * full_seed)
+            base = labels_to_reach(budgets, results["curves"]["random"][seed], 0.95 * full_seed) \
+                if "random" in strategies else math.nan
+            ratio = n / base if math.isfinite(n) and math.isfinite(base) else math.nan
+            shown.append(f"{n:.0f} ({ratio:.2f})" if math.isfinite(n) else f"> {budgets[-1]}")
+        print(f"  {strategy:<12} " + ", ".join(shown))
     summary = {"budgets": budgets, "full": results["full"], "target": target, "curves": results["curves"],
                "labels_to_target": needed, "pool_cells": results["pool"], "test_cells": results["test_cells"],
                "args": {k: str(v) for k, v in vars(args).items()}, "seconds": round(seconds, 1)}
-    (args.work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if write:
+        (args.work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":
