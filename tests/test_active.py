@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from milhema.bags import read_bag
-from milhema.cells.active import CSV_COLUMNS, k_center, select
-from milhema.cli import main
+from milhema.cells.active import CSV_COLUMNS, STRATEGIES, k_center, select
+from milhema.cli import build_parser, main
 
 EMBED = ["--backbone", "none", "--morphology", "--workers", "0", "-q"]
 
@@ -162,8 +162,14 @@ def test_a_label_the_bags_cannot_take_is_refused_in_one_line(case: str, fragment
 def test_k_center_and_the_scores_pick_what_they_say() -> None:
     pool = np.array([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [5.0, 5.0]])
     labelled = np.array([[0.0, 0.1]])
-    # Farthest from the annotated cell first, then farthest from both.
+    # Farthest from the annotated cell first, then farthest from both (in chunks of any size).
     assert k_center(pool, labelled, 3, np.random.default_rng(0)).tolist() == [2, 3, 1]
+    assert k_center(pool, labelled, 3, np.random.default_rng(0), chunk=1).tolist() == [2, 3, 1]
+    # The command line offers the library's strategies (listed there so that --help does not load torch).
+    parser = build_parser()
+    cells = next(a for a in parser._subparsers._group_actions[0].choices["cells"]._subparsers._group_actions)
+    propose = cells.choices["propose"]
+    assert next(a.choices for a in propose._actions if a.dest == "strategy") == STRATEGIES
     probs = np.array([[0.9, 0.05, 0.05], [0.4, 0.35, 0.25], [0.34, 0.33, 0.33], [0.5, 0.5, 0.0]])
     features = np.zeros((4, 2))
     assert select("uncertainty", 2, probs=probs, features=features, labelled=labelled, seed=0).tolist() == [2, 1]

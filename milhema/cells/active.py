@@ -70,12 +70,13 @@ def k_center(pool: np.ndarray, labelled: np.ndarray, budget: int, rng: np.random
     """Greedy k-center: ``budget`` rows of ``pool [P, D]``, each the farthest (Euclidean) from ``labelled [L, D]``
     and the rows chosen before it; the first is drawn with ``rng`` when nothing is labelled.
 
-    Cost: ``P x L`` distances once (in chunks of ``chunk`` rows), then ``P`` per pick.
+    Cost: ``P x L`` distances once (in chunks of at most ``chunk`` rows), then ``P`` per pick.
     """
     x = torch.as_tensor(np.asarray(pool, np.float32))
     nearest = torch.full((len(x),), float("inf"))
     if len(labelled):
         centres = torch.as_tensor(np.asarray(labelled, np.float32))
+        chunk = max(1, min(chunk, (1 << 24) // len(centres)))   # at most 16M distances (64 MB) at a time
         for start in range(0, len(x), chunk):
             nearest[start:start + chunk] = torch.cdist(x[start:start + chunk], centres).min(dim=1).values
     chosen: list[int] = []
