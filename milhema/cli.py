@@ -202,6 +202,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _cells_train(args: argparse.Namespace) -> int:
+    from milhema.cells.annotations import labels_summary
     from milhema.cells.run import run_cells_train
     from milhema.config import load_config
     from milhema.data.manifest import load_cohort
@@ -210,11 +211,14 @@ def _cells_train(args: argparse.Namespace) -> int:
     extra = [f"cells.folds={args.folds}"] if args.folds else []
     settings = load_config(args.config, [*extra, *args.set])
     cohort = load_cohort(args.cohort, settings.data.classes, ())
-    m = run_cells_train(settings, cohort, args.bags, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    m = run_cells_train(settings, cohort, args.bags, args.out, labels=args.labels, overwrite=args.overwrite,
+                        progress=not args.quiet)
     report = m["annotations"]
     print(f"{report['annotated']} annotated cells of {report['cells']} ({report['not_annotated']} without annotation) "
           f"from {m['n_patients']} patients; {m['head']} head on {m['backbone']} features, {m['folds']}-fold "
           "patient-grouped cv")
+    if "labels" in report:
+        print("  " + labels_summary(report["labels"]))
     if report["merged"]:
         print("  merged: " + ", ".join(f"{k} -> {v['type']} ({v['cells']})" for k, v in report["merged"].items()))
     if report["unknown"]:
@@ -235,19 +239,21 @@ def _cells_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cells_cohort(folder: Path, run: Path) -> Cohort:
+    """The cohort whose slides' bags a cells run reads (diagnoses play no part: the cohort is read with the
+    classes of the config the classifier was trained with)."""
+    from milhema.config import DEFAULTS
+    from milhema.data.manifest import load_cohort
+    from milhema.train.predict import run_settings
+
+    classes = run_settings(run).data.classes if (run / "config.yaml").is_file() else DEFAULTS["data"]["classes"]
+    return load_cohort(folder, classes, ())
+
+
 def _cells_predict(args: argparse.Namespace) -> int:
     from milhema.cells.predict import run_cells_predict
 
-    cohort = None
-    if args.cohort is not None:
-        from milhema.config import DEFAULTS
-        from milhema.data.manifest import load_cohort
-        from milhema.train.predict import run_settings
-
-        # Labels play no part; the cohort is read with the classes of the config the classifier was trained with.
-        classes = (run_settings(args.run).data.classes if (args.run / "config.yaml").is_file()
-                   else DEFAULTS["data"]["classes"])
-        cohort = load_cohort(args.cohort, classes, ())
+    cohort = _cells_cohort(args.cohort, args.run) if args.cohort is not None else None
     done = run_cells_predict(args.run, args.bags, cohort, overwrite=args.overwrite, device=args.device,
                              progress=not args.quiet)
     if not done.written:
@@ -257,6 +263,21 @@ def _cells_predict(args: argparse.Namespace) -> int:
     held = f" ({done.held_out} slides of the run's patients by the fold model that held them out)" if done.held_out else ""
     print(f"cell type probabilities for {done.cells} cells written into {len(done.written)} bags{held}{already} "
           "(bag format version 2)")
+    return 0
+
+
+def _cells_propose(args: argparse.Namespace) -> int:
+    from milhema.cells.active import CSV_FILE, HTML_FILE, propose, write_proposal
+
+    cohort = _cells_cohort(args.cohort, args.run) if args.cohort is not None else None
+    found = propose(args.run, args.bags, cohort, args.budget, args.strategy, seed=args.seed, labels=args.labels,
+                    device=args.device)
+    write_proposal(found, args.out, overwrite=args.overwrite)
+    info = found.info
+    short = f" (only {info['unannotated']} cells are unannotated)" if info["proposed"] < info["budget"] else ""
+    print(f"proposed {info['proposed']} of {info['unannotated']} unannotated cells by {info['strategy']}{short}: "
+          f"look at {args.out / HTML_FILE}, fill the label column of {args.out / CSV_FILE}, then "
+          f"milhema cells train ... --labels {args.out / CSV_FILE}")
     return 0
 
 
@@ -418,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_explain)
 
-    p = sub.add_parser("cells", help="cell-type classifier on the bags' frozen features (train, predict)")
+    p = sub.add_parser("cells", help="cell-type classifier on the bags' frozen features (train, predict, propose)")
     cells = p.add_subparsers(dest="cells_command", required=True, metavar="STEP")
     q = cells.add_parser("train", parents=[common],
                          help="train and cross-validate (patient-grouped) a cell-type classifier on annotated cells")
@@ -429,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. --set cells.head=linear 'cells.merge={Blast: blast}'")
     q.add_argument("--folds", type=_positive_int, default=None, help="K patient-grouped folds (default: cells.folds = 5)")
+    q.add_argument("--labels", type=Path, action="extend", nargs="+", default=[], metavar="CSV",
+                   help="labels files (slide_id, cell_id, label; the filled sheet of cells propose): their labels "
+                        "add to the bags' annotations or replace them")
     q.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     q.set_defaults(func=_cells_train)
     q = cells.add_parser("predict", parents=[common],
@@ -440,6 +464,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     q.add_argument("--overwrite", action="store_true", help="replace another classifier's predictions in the bags")
     q.set_defaults(func=_cells_predict, on_interrupt="run the same command again: finished bags are kept")
+    q = cells.add_parser("propose", parents=[common],
+                         help="the unannotated cells whose labels would help the classifier most (active learning): "
+                              "an HTML sheet and a CSV to fill")
+    q.add_argument("--run", required=True, type=Path, help="run folder of milhema cells train")
+    q.add_argument("--bags", type=Path, default=None, help="folder of bags (every *.h5 in it, or the cohort's)")
+    q.add_argument("--cohort", type=Path, default=None,
+                   help="only the bags of this cohort's slides (needed when slides.csv's sources are feature files)")
+    q.add_argument("--budget", required=True, type=_positive_int, help="how many cells to propose")
+    q.add_argument("--strategy", choices=("uncertainty", "margin", "coreset", "random"), default="uncertainty",
+                   help="uncertainty: largest entropy of the type probabilities (default); margin: smallest gap "
+                        "between the two most likely types; coreset: farthest from every annotated cell in feature "
+                        "space (greedy k-center); random")
+    q.add_argument("--seed", type=int, default=0, help="breaks ties, draws random picks; same seed = same CSV (default 0)")
+    q.add_argument("--labels", type=Path, action="extend", nargs="+", default=[], metavar="CSV",
+                   help="labels files already filled (earlier proposals): their cells are not proposed again")
+    q.add_argument("--out", required=True, type=Path, help="new output folder (to_annotate.csv, to_annotate.html)")
+    q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    q.set_defaults(func=_cells_propose)
 
     p = sub.add_parser("demo", parents=[common], help="the whole pipeline on a simulated cohort, end to end")
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="working folder (default demo_out)")

@@ -6,12 +6,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from milhema.bags import read_bag
 from milhema.data import load_cohort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import bench_active  # noqa: E402
 import bench_mil  # noqa: E402
+import bench_realcells  # noqa: E402
 import seed_table  # noqa: E402
 import witness_cohort  # noqa: E402
 
@@ -48,3 +51,30 @@ def test_seed_table_cells_and_variants() -> None:
     assert seed_table.parse_variant("b=-:model.name=maxpool")[1] is None
     assert seed_table.cell([0.5, None, 0.7], "balanced accuracy") == "**0.600** (0.50, —, 0.70)"
     assert seed_table.cell([None], "c-index") == "—"
+
+
+def test_realcells_dataset_links_the_images_in_place(tmp_path: Path) -> None:
+    """Each source becomes class folders of symbolic links (never copies), dealt into groups by type."""
+    from PIL import Image
+
+    source = tmp_path / "data" / "tecom"
+    source.mkdir(parents=True)
+    labels = [1, 1, 2, 2, 3, 4, 1, 5, 2, 1]
+    for i in range(1, len(labels) + 1):
+        Image.new("RGB", (12, 12), (200, 100, 150)).save(source / f"{i:03d}.png")
+        Image.new("L", (12, 12)).save(source / f"{i:03d}_mask.png")
+    (source / "labels.csv").write_text("image ID,class label\n" + "".join(f"{i},{c}\n" for i, c in
+                                                                         enumerate(labels, start=1)))
+    cohort_dir, counts = bench_realcells.class_folders(tmp_path / "data", "tecom", tmp_path / "s", groups=3, seed=0)
+    assert counts == {"neutrophil": 4, "lymphocyte": 3, "monocyte": 1, "eosinophil": 1, "basophil": 1}
+    links = sorted((cohort_dir / "images").rglob("*.png"))
+    assert len(links) == 10 and all(p.is_symlink() and "_mask" not in p.name for p in links)
+    assert {p.parent.name for p in links if p.parent.parent.name == "G00"} >= {"neutrophil", "lymphocyte"}
+    cohort = load_cohort(cohort_dir, ["AML"])
+    assert [s.mpp for s in cohort.slides] == [0.16] * 3 and len(cohort.patients) == 3
+
+
+def test_labels_to_reach_interpolates_in_log_labels() -> None:
+    assert bench_active.labels_to_reach([50, 100, 200], [0.5, 0.6, 0.8], 0.7) == pytest.approx(100 * 2 ** 0.5)
+    assert bench_active.labels_to_reach([50, 100], [0.9, 0.95], 0.8) == 50
+    assert bench_active.labels_to_reach([50, 100], [0.5, 0.6], 0.8) == float("inf")

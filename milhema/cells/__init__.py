@@ -7,6 +7,7 @@ multi-label anomaly head) and its files; :mod:`~milhema.cells.losses` the class-
 asymmetric losses; :mod:`~milhema.cells.fit` trains one model with early stopping and calibrates
 it on a patient-grouped validation split; :mod:`~milhema.cells.metrics` scores held-out
 patients; :mod:`~milhema.cells.run` is ``cells train`` (patient-grouped cross-validation into an
-atomic run folder) and :mod:`~milhema.cells.predict` is ``cells predict`` (probabilities into the
-bags, format version 2).
+atomic run folder), :mod:`~milhema.cells.predict` is ``cells predict`` (probabilities into the
+bags, format version 2) and :mod:`~milhema.cells.active` is ``cells propose`` (which unannotated
+cells to annotate next; the filled sheet returns through ``cells train --labels``).
 """

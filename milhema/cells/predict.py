@@ -131,7 +131,7 @@ def run_cells_predict(run: str | Path, bags: str | Path | None, cohort: Cohort |
         bag = read_bag(path, thumbnails=False)
         models, how = loaded.model_for(bag.slide_id, slide_signature(bag))
         x = bag.features if loaded.source.columns is None else bag.features[:, list(loaded.source.columns)]
-        types, attributes = _mean_probabilities(models, x, torch_device)
+        types, attributes = mean_probabilities(models, x, torch_device)
         info = {"run": str(loaded.path.resolve().name), "model": how, "neutrophil_types": list(loaded.neutrophil_types)}
         add_cell_predictions(path, CellPredictions(types, loaded.types, loaded.fingerprint, attributes,
                                                    loaded.attributes if attributes is not None else (),
@@ -150,21 +150,29 @@ def _check_bag(path: Path, loaded: CellRun, overwrite: bool) -> None:
     if attrs.get("format") != FORMAT:
         raise BagError(f"slide {attrs['slide_id']}: {path.name} is a feature file not written by milhema embed; cell "
                        "predictions are only added to milhema bags")
-    trained = loaded.source
-    here = bag_source(attrs, int(attrs["feature_dim"]), trained.blocks, str(attrs["slide_id"]))
-    if here != trained:
-        raise MilhemaError(f"slide {attrs['slide_id']}: bag made with {here.backbone} ({here.feature_dim} features"
-                           f"{'' if here.weights_sha256 == trained.weights_sha256 else ', other weights'}) but the cell "
-                           f"classifier in {loaded.path} was trained on {trained.backbone} ({trained.feature_dim}); "
-                           "embed with the same backbone and options")
+    check_features(attrs, int(attrs["feature_dim"]), str(attrs["slide_id"]), loaded)
     earlier = attrs.get(CLASSIFIER_ATTR)
     if earlier not in (None, loaded.fingerprint) and not overwrite:
         raise MilhemaError(f"slide {attrs['slide_id']}: its bag already carries the predictions of another cell "
                            f"classifier ({str(earlier)[:12]}); pass --overwrite to replace them with {loaded.path.name}'s")
 
 
-def _mean_probabilities(models: list[CellClassifier], features: np.ndarray,
-                        device: torch.device) -> tuple[np.ndarray, np.ndarray | None]:
+def check_features(attrs: dict[str, Any], feature_dim: int, slide_id: str, loaded: CellRun) -> None:
+    """Refuse a bag (root attributes ``attrs``, ``feature_dim`` columns) whose features are not the ones the
+    classifier of ``loaded`` was trained on."""
+    trained = loaded.source
+    here = bag_source(attrs, feature_dim, trained.blocks, slide_id)
+    if here != trained:
+        raise MilhemaError(f"slide {slide_id}: bag made with {here.backbone} ({here.feature_dim} features"
+                           f"{'' if here.weights_sha256 == trained.weights_sha256 else ', other weights'}) but the cell "
+                           f"classifier in {loaded.path} was trained on {trained.backbone} ({trained.feature_dim}); "
+                           "embed with the same backbone and options")
+
+
+def mean_probabilities(models: list[CellClassifier], features: np.ndarray,
+                       device: torch.device) -> tuple[np.ndarray, np.ndarray | None]:
+    """The mean over ``models`` of the calibrated type probabilities ``[N, T]`` and attribute probabilities
+    ``[N, A]`` (or None) of ``features [N, D]``."""
     types: np.ndarray | None = None
     attributes: np.ndarray | None = None
     for model in models:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from milhema.cells.annotations import AnnotatedCells, gather
+from milhema.cells.annotations import AnnotatedCells, gather, read_labels
 from milhema.cells.fit import fit_classifier, grouped_folds, validation_split
 from milhema.cells.metrics import attribute_metrics, confusion_figure, differential_error, type_metrics
 from milhema.cells.model import (
@@ -82,17 +82,21 @@ class OutOfFold:
 
 
 def run_cells_train(settings: Settings, cohort: Cohort, bags: str | Path | None, out: str | Path, *,
-                    overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+                    labels: Sequence[str | Path] = (), overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train and cross-validate the cell classifier of ``settings.cells`` on the annotated cells of the
     cohort's bags; write the run folder ``out`` and return its metrics.
 
+    ``labels`` are labels files (the filled CSV of ``milhema cells propose``): their non-empty labels
+    add to the bags' annotations or replace them (:func:`milhema.cells.annotations.read_labels`).
+
     Raises:
-        MilhemaError: ``out`` exists, no annotated cells, fewer than two types or patients than folds.
+        MilhemaError: ``out`` exists, no annotated cells, fewer than two types or patients than folds,
+            a label naming a cell that is not in the bags.
     """
     out, started = Path(out), time.perf_counter()
     bags = None if bags is None else Path(bags)
     check_new_folder(out, overwrite=overwrite, what="run folder")
-    cells = gather(cohort, bags, settings.cells)
+    cells = gather(cohort, bags, settings.cells, labels=read_labels([Path(p) for p in labels]) if labels else None)
     learnt = [t for t, n in cells.report.per_type.items() if n > 0]
     if len(learnt) < 2:
         raise MilhemaError(f"annotated cells of at least two cell types are needed; found only {', '.join(learnt)} "

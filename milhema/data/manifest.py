@@ -182,8 +182,14 @@ def load_cohort(
                   patient_features=list(patient_features))
 
 
-def _read_table(path: Path, required: Iterable[str]) -> tuple[list[str], list[tuple[int, dict[str, str]]], bool]:
-    """Header, ``(row number, row)`` pairs and whether decimals use commas."""
+def read_table(path: Path, required: Iterable[str]) -> tuple[list[str], list[tuple[int, dict[str, str]]], bool]:
+    """A CSV table (``,``-separated, or ``;`` as Excel writes it): its header, ``(row number, row)`` pairs
+    (rows numbered as a spreadsheet shows them, the header being row 1; blank rows skipped) and whether
+    decimals use commas.
+
+    Raises:
+        ManifestError: no such file, not UTF-8, no header, a required column missing, a row of the wrong length.
+    """
     if path.is_dir():
         raise ManifestError(f"{path}: is a folder; expected a CSV file")
     if not path.is_file():
@@ -298,7 +304,7 @@ def _read_patients(path: Path, classes: list[str], features: list[str], require_
                    absent_ok: bool = False) -> dict[str, Patient]:
     derived = [c for c in features if is_derived_feature(c)]
     features = [c for c in features if not is_derived_feature(c)]
-    header, rows, decimal_comma = _read_table(path, ["patient_id", "label", *([] if absent_ok else features)])
+    header, rows, decimal_comma = read_table(path, ["patient_id", "label", *([] if absent_ok else features)])
     name = path.name
     clash = [c for c in derived if c in header]
     if clash:
@@ -355,7 +361,7 @@ def _optional_number(row: dict[str, str], column: str, decimal_comma: bool, wher
 
 
 def _read_slides(path: Path, patients: dict[str, Patient], check_sources: bool) -> list[Slide]:
-    _header, rows, decimal_comma = _read_table(path, ["slide_id", "patient_id", "source"])
+    _header, rows, decimal_comma = read_table(path, ["slide_id", "patient_id", "source"])
     name = path.name
     slides: list[Slide] = []
     first_row: dict[str, int] = {}
