@@ -216,7 +216,8 @@ def _cells_train(args: argparse.Namespace) -> int:
     report = m["annotations"]
     print(f"{report['annotated']} annotated cells of {report['cells']} ({report['not_annotated']} without annotation) "
           f"from {m['n_patients']} patients; {m['head']} head on {m['backbone']} features, {m['folds']}-fold "
-          "patient-grouped cv")
+          + ("cv by cell (no patients to group by)" if m["evaluation"].startswith("out of fold, by cell")
+             else "patient-grouped cv"))
     if "labels" in report:
         print("  " + labels_summary(report["labels"]))
     if report["merged"]:

@@ -278,6 +278,23 @@ def test_unknown_types_are_counted_never_mapped_and_merge_maps(tmp_path: Path) -
     assert found.attributes.shape == (6, 0) and found.attribute_names == ()
 
 
+def test_a_collection_without_patients_is_split_by_cell(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A class-folder dataset (public single-cell collections) is one 'patient': folds over its cells, stratified."""
+    types = ["neutrophil"] * 30 + ["lymphocyte"] * 30 + ["monocyte"] * 24
+    root = _annotated_bags(tmp_path, {"PBC": types})
+    with one_thread():
+        assert main(["cells", "train", "--cohort", str(root), "--bags", str(root / "bags"), "--out",
+                     str(tmp_path / "run"), "--folds", "3", "--set", "cells.epochs=30", "-q"]) == 0
+    assert "3-fold cv by cell (no patients to group by)" in capsys.readouterr().out
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["evaluation"].startswith("out of fold, by cell") and m["n_patients"] == 1
+    folds = {r["fold"] for r in csv.DictReader(open(tmp_path / "run" / "cell_predictions.csv", encoding="utf-8"))}
+    assert folds == {"0", "1", "2"}
+    t = m["type_metrics"]
+    low, high = t["balanced_accuracy"]["ci95"]
+    assert t["balanced_accuracy"]["mean"] > 0.9 and low <= t["balanced_accuracy"]["mean"] <= high
+
+
 @pytest.mark.parametrize(("argv", "fragment"), [
     (["train", "--folds", "5"], "2 patients have annotated cells: too few for 5 patient-grouped folds"),
     (["train", "--set", "cells.attributes=[vacuole]"], "cells.attributes names 'vacuole', which no annotated bag"),

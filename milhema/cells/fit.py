@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from milhema.cells.annotations import AnnotatedCells
 from milhema.cells.losses import asymmetric_loss, class_weights, focal_loss
@@ -41,8 +41,17 @@ MIN_BIAS_CELLS = 10   # validation cells of a type needed to fit its calibration
 
 
 def grouped_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(train rows, test rows)`` of ``k`` folds: no group (patient) on both sides, ``y`` stratified as groups allow."""
+    """``(train rows, test rows)`` of ``k`` folds: no group (patient) on both sides, ``y`` stratified as groups allow.
+
+    A single group is a dataset without patients (a class-folder collection of single-cell images):
+    its cells are split stratified by type, as scikit-learn's ``StratifiedKFold``.
+    """
     n_groups = len(set(groups.tolist()))
+    if n_groups == 1:
+        with warnings.catch_warnings():   # a type with fewer than k cells cannot be in every fold
+            warnings.simplefilter("ignore")
+            splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+            return [(np.asarray(a), np.asarray(b)) for a, b in splitter.split(np.zeros(len(y)), y)]
     if n_groups < k:
         raise MilhemaError(f"{n_groups} patients have annotated cells: too few for {k} patient-grouped folds "
                            f"(set cells.folds, or --folds, to at most {n_groups}; at least 2)")
@@ -52,10 +61,18 @@ def grouped_folds(y: np.ndarray, groups: np.ndarray, k: int, seed: int) -> list[
         return [(np.asarray(a), np.asarray(b)) for a, b in splitter.split(np.zeros(len(y)), y, groups)]
 
 
+def without_patients(cells: AnnotatedCells) -> bool:
+    """All annotated cells come from one patient: a dataset without patients, split by cell."""
+    return len(set(cells.patients.tolist())) == 1
+
+
 def validation_split(cells: AnnotatedCells, rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``rows`` split into inner training and validation rows, whole patients, about ``fraction`` of them held out."""
     groups = cells.patients[rows]
     n_groups = len(set(groups.tolist()))
+    if n_groups < 2 and without_patients(cells):
+        inner, val = grouped_folds(cells.y[rows], groups, max(2, round(1 / fraction)), seed)[0]
+        return rows[inner], rows[val]
     if n_groups < 2:
         raise MilhemaError("a fold's training cells come from one patient: early stopping needs at least two "
                            "(annotate more patients, or lower cells.folds)")

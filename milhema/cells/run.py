@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from milhema.cells.annotations import AnnotatedCells, gather, read_labels
-from milhema.cells.fit import fit_classifier, grouped_folds, validation_split
+from milhema.cells.fit import fit_classifier, grouped_folds, validation_split, without_patients
 from milhema.cells.metrics import attribute_metrics, confusion_figure, differential_error, type_metrics
 from milhema.cells.model import (
     CLASSIFIER_DIR,
@@ -167,19 +167,29 @@ def _patient_of(cells: AnnotatedCells, slide_id: str) -> str | None:
     return str(cells.patients[rows[0]]) if len(rows) else None
 
 
+_EVALUATION = {
+    False: "out of fold: each patient's cells predicted by the fold model that never saw the patient "
+           "(patient-grouped K-fold, types stratified as whole patients allow); intervals resample patients",
+    True: "out of fold, by cell: the annotated cells come from one patient or a collection without patients, "
+          "so folds are stratified by type over cells (cells of one smear may be on both sides: optimistic for new "
+          "patients); intervals resample cells",
+}
+
+
 def _metrics(cells: AnnotatedCells, oof: OutOfFold, settings: Settings, fingerprint: str,
              started: float) -> dict[str, Any]:
     cs = settings.cells
     metrics: dict[str, Any] = {
         "task": "cell types", "types": list(cells.types), "attribute_names": list(cells.attribute_names),
         "head": cs.head, "folds": cs.folds,
-        "evaluation": "out of fold: each patient's cells predicted by the fold model that never saw the patient "
-                      "(patient-grouped K-fold, types stratified as whole patients allow); intervals resample patients",
+        "evaluation": _EVALUATION[without_patients(cells)],
         "n_patients": len(cells.patient_ids), "n_cells": len(cells), "n_slides": len(set(cells.slides.tolist())),
         "backbone": cells.source.backbone, "feature_dim": cells.source.feature_dim,
         "classifier_sha256": fingerprint, "annotations": cells.report.as_dict(cs),
     }
-    metrics["type_metrics"] = type_metrics(cells.y, oof.types, oof.pred, cells.types, cells.patients, seed=cs.seed)
+    # Without patients, intervals resample cells (each its own group).
+    groups = np.arange(len(cells)).astype(str) if without_patients(cells) else cells.patients
+    metrics["type_metrics"] = type_metrics(cells.y, oof.types, oof.pred, cells.types, groups, seed=cs.seed)
     metrics["type_metrics"]["decision"] = ("argmax of p[t] / training frequency of t: the most likely type under "
                                            "equal frequencies (maximises balanced accuracy)")
     metrics["calibration"] = {
