@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from milhema.bags import open_bag, read_bag, read_bag_attrs, read_open_bag, write_bag
 from milhema.train.calibration import calibration_figure, coverage_curve
 
 # A fresh interpreter loads what `milhema train` loads before its first epoch, checks that
@@ -36,3 +37,17 @@ def test_calibration_figure_imports_matplotlib_itself(tmp_path: Path) -> None:
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]])
     calibration_figure(y, probs, probs, coverage_curve(y, probs, 2), tmp_path / "calibration.png")
     assert (tmp_path / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_bag_checked_once_reads_the_same(tmp_path: Path) -> None:
+    """Training checks each bag's structure while inspecting the bags and skips that check when
+    reading it again; what is read is the same."""
+    rng = np.random.default_rng(0)
+    path = write_bag(tmp_path / "S1.h5", rng.normal(size=(6, 4)).astype(np.float32), slide_id="S1", patient_id="P1")
+    read_bag_attrs(path)   # inspect_bags' check
+    with open_bag(path) as f:
+        again = read_open_bag(f, path, thumbnails=False, checked=True)
+    whole = read_bag(path)
+    np.testing.assert_array_equal(again.features, whole.features)
+    assert list(again.cell_ids) == list(whole.cell_ids)
+    assert again.attrs.keys() == whole.attrs.keys() and again.attrs["slide_id"] == "S1"   # (mpp is NaN: unknown)
