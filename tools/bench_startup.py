@@ -107,7 +107,8 @@ def main() -> None:
                 argv = ["train", "--cohort", str(args.cohort.resolve()), "--bags", str(args.bags.resolve()), "--out",
                         str(out), "-q", "--set", "train.epochs=1", *args.set]
                 results[name].append(probe(src, argv))
-                print(f"{name} repeat {k}: {results[name][-1][-1][1]:.1f} s to the first epoch", flush=True)
+                print(f"{name} repeat {k}: " + ", ".join(f"{phase} {sec:.2f}" for phase, sec in results[name][-1]
+                                                       if sec >= 0.05), flush=True)
     phases = [p for p, _ in results["after"][0]]
     names = list(arms)[::-1]
     lines = [f"`python tools/bench_startup.py {' '.join(sys.argv[1:])}`: median of {args.repeats} fresh processes, "

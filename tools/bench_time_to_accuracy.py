@@ -232,7 +232,7 @@ def summary(results: list[Result], target: float, base_name: str, lr_of: Callabl
         lines.append(f"| {r.arm.name} | {r.seed} | {lr_of(r.arm)} | {_fmt_time(r.time_to(target))} | {to} | "
                      f"{r.bacc[-1]:.2f} | {max(r.bacc):.2f} | {len(r.bacc)} | {r.clock[-1]:.1f} | {r.eval_s:.1f} |")
     base = statistics.median(r.time_to(target) for r in results if r.arm.name == base_name)
-    lines += ["", "| arm | lr | reached | median time to target | × one bag per step | median epochs to target | "
+    lines += ["", "| arm | lr | reached | median time to target | speed-up vs one bag per step | median epochs to target | "
               "median bacc at end | median s per epoch |", "|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         mine = [r for r in results if r.arm == arm]
@@ -240,7 +240,7 @@ def summary(results: list[Result], target: float, base_name: str, lr_of: Callabl
         med = statistics.median(times)
         epochs = [float(r.reached(target) or math.inf) for r in mine]
         med_ep = statistics.median(epochs)
-        ratio = "—" if math.isinf(med) or math.isinf(base) else f"{med / base:.2f}"
+        ratio = "—" if math.isinf(med) or math.isinf(base) else f"{base / med:.2f}×"
         per_epoch = statistics.median(r.clock[-1] / len(r.clock) for r in mine)
         lines.append(f"| {arm.name} | {lr_of(arm)} | {sum(not math.isinf(t) for t in times)}/{len(mine)} | "
                      f"{_fmt_time(med)} | {ratio} | {'—' if math.isinf(med_ep) else f'{med_ep:g}'} | "
@@ -333,11 +333,11 @@ def cohort_mode(args: argparse.Namespace) -> list[str]:
                 if model.cbc_encoder is not None:
                     model.cbc_encoder.fit(np.stack([b.cbc for b in train_bags]))
 
-                held = functools.partial(score, model, device)
+                scorer = functools.partial(score, model, device)
 
                 def log(_: dict[str, object], result: Result = result, watch: Stopwatch = watch,
-                        held: Callable[[], float] = held) -> None:
-                    _until(result, watch, held, args.target, args.stop_at_target, args.max_seconds)
+                        scorer: Callable[[], float] = scorer) -> None:
+                    _until(result, watch, scorer, args.target, args.stop_at_target, args.max_seconds)
 
                 fit(model, train_bags, prep.store.many(val_ids), settings, device=device, log=log, seed=seed)
             except _Stop:
