@@ -397,10 +397,16 @@ def open_bag(path: str | Path) -> h5py.File:
     return _open(Path(path))
 
 
-def read_open_bag(f: h5py.File, path: Path, *, thumbnails: bool = True) -> Bag:
-    """:func:`read_bag` on a file opened by :func:`open_bag`; ``path`` names the file in errors."""
+def read_open_bag(f: h5py.File, path: Path, *, thumbnails: bool = True, checked: bool = False) -> Bag:
+    """:func:`read_bag` on a file opened by :func:`open_bag`; ``path`` names the file in errors.
+
+    ``checked``: this process already checked the file's structure (:func:`read_bag_attrs` does,
+    as training's ``inspect_bags`` reads every bag's attributes first), so it is not checked
+    again; the values read (NaN features, cell predictions) still are.
+    """
     foreign = _is_foreign(f)
-    _check_structure(f, path, foreign)
+    if not checked:
+        _check_structure(f, path, foreign)
     bag = _guarded(path, lambda: _read(f, path, foreign, thumbnails))
     if not np.isfinite(bag.features).all():
         raise BagError(f"slide {bag.slide_id}: bag file {path.name} has NaN or Inf features; re-run embed to rebuild it")

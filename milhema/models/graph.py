@@ -8,17 +8,12 @@ nodes of one PyG mini-batch; padding never enters the graph.
 
 from __future__ import annotations
 
+import functools
 import warnings
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
-
-with warnings.catch_warnings():
-    # torch-geometric scripts a helper with torch.jit at import time, which torch >= 2.10 flags
-    # as deprecated; the warning is about the library, not about anything a user can change.
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-    from torch_geometric.nn import GATv2Conv, GENConv
-    from torch_geometric.utils import scatter, softmax
 
 from milhema.models.attention import GatedAttention
 from milhema.models.base import MILModel, MILOutput, cell_encoder, require
@@ -26,6 +21,23 @@ from milhema.models.registry import register_model
 
 GRAPH_SPACES = ("features", "coords")
 CONVS = ("gatv2", "gen")
+
+
+@functools.cache
+def _pyg() -> tuple[ModuleType, ModuleType]:
+    """``torch_geometric.nn`` and ``torch_geometric.utils``, imported on first use.
+
+    Importing torch-geometric takes seconds (it registers its whole operator library), and only
+    the graph model needs it; registering the model must not cost every command that start-up
+    (``load_config`` imports all models to check parameters).
+    """
+    with warnings.catch_warnings():
+        # torch-geometric scripts a helper with torch.jit at import time, which torch >= 2.10 flags
+        # as deprecated; the warning is about the library, not about anything a user can change.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+        import torch_geometric.nn as pyg_nn
+        import torch_geometric.utils as pyg_utils
+    return pyg_nn, pyg_utils
 
 
 def knn_edges(points: Tensor, mask: Tensor, k: int, group: Tensor | None = None) -> Tensor:
@@ -92,14 +104,15 @@ class GraphMIL(MILModel):
         self.k = k
         self.graph_space = graph_space
         self.encoder = cell_encoder(in_dim, hidden_dim, dropout)
+        pyg_nn, _ = _pyg()
         if conv == "gatv2":
             # Self-loops let a cell keep its own message; a single-cell bag has only that one.
-            convs = [GATv2Conv(hidden_dim, hidden_dim // heads, heads=heads, add_self_loops=True)
+            convs = [pyg_nn.GATv2Conv(hidden_dim, hidden_dim // heads, heads=heads, add_self_loops=True)
                      for _ in range(n_layers)]
         else:
             # Layer norm, not GENConv's default batch norm: nodes of different bags must not
             # share statistics, and a one-cell batch must train.
-            convs = [GENConv(hidden_dim, hidden_dim, aggr="softmax", learn_t=True, norm="layer")
+            convs = [pyg_nn.GENConv(hidden_dim, hidden_dim, aggr="softmax", learn_t=True, norm="layer")
                      for _ in range(n_layers)]
         self.convs = nn.ModuleList(convs)
         self.drop = nn.Dropout(dropout)
@@ -141,8 +154,9 @@ class GraphMIL(MILModel):
 
         gate = self.fusion.gate(cbc)
         cond = None if gate is None else gate[batch]
-        w = softmax(self.readout.logits(nodes, cond).float(), batch, num_nodes=b)  # [M, 1], sums to 1 per bag
-        z = scatter(w.to(nodes.dtype) * nodes, batch, dim=0, dim_size=b, reduce="sum")  # [B, H]; empty bag -> 0
+        _, pyg_utils = _pyg()  # cached after __init__'s call
+        w = pyg_utils.softmax(self.readout.logits(nodes, cond).float(), batch, num_nodes=b)  # [M, 1], sums to 1 per bag
+        z = pyg_utils.scatter(w.to(nodes.dtype) * nodes, batch, dim=0, dim_size=b, reduce="sum")  # [B, H]; empty bag -> 0
         emb = self.fusion.bag(z, cbc)
         scores = w.new_zeros(b * n)
         scores[flat] = w[:, 0]

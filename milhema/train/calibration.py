@@ -15,14 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from scipy.optimize import minimize_scalar
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
-import numpy as np  # noqa: E402
-from scipy.optimize import minimize_scalar  # noqa: E402
-
-from milhema.train.metrics import balanced_accuracy  # noqa: E402  (the reported metrics' definitions)
+from milhema.train.metrics import balanced_accuracy  # the reported metrics' definitions
 
 # Below 0.05 or above 20 a temperature says the validation split was too small to fit one.
 _LOG_T_BOUNDS = (math.log(0.05), math.log(20.0))
@@ -82,6 +78,13 @@ def coverage_curve(y: np.ndarray, probs: np.ndarray, n_classes: int, target: flo
 def calibration_figure(y: np.ndarray, before: np.ndarray, after: np.ndarray, coverage: dict[str, Any],
                        path: Path, n_bins: int = 10) -> None:
     """``path`` (PNG): the reliability diagram before and after temperature scaling, and the coverage curve."""
+    # matplotlib is imported here, not with the module: `milhema train` and `predict` need
+    # fit_temperature / coverage_curve but draw nothing, and pyplot costs about a second to import.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     edges = np.linspace(0, 1, n_bins + 1)
     for probs, name in ((before, "before"), (after, "after")):

@@ -185,13 +185,18 @@ class BagStore:
     With ``cache`` each bag is read from disk once and kept; without it every access reads the
     HDF5 files again (bounded memory for cohorts larger than RAM). Open files are kept per
     process (at most ``max_open``), so loader workers each open a file once, lazily, and never
-    share a handle with the process that forked them.
+    share a handle with the process that forked them. ``checked``: :func:`inspect_bags` has
+    checked the structure of every bag file (reads then skip that check).
     """
 
     def __init__(self, cohort: Cohort, bags: str | Path | None, views: Sequence[str], cache: bool = True,
                  columns: Sequence[int] | None = None, max_open: int = 64,
-                 n_cells: Mapping[str, int] | None = None, feature_dim: int | None = None) -> None:
+                 n_cells: Mapping[str, int] | None = None, feature_dim: int | None = None,
+                 checked: bool = False) -> None:
         self.cohort = cohort
+        # inspect_bags checked every file's structure (prepare passes True): a read need not
+        # check it again (about a third of reading a small bag; issue 19, start-up).
+        self.checked = checked
         self.feature_dim = feature_dim  # the width of an empty bag (a patient without slides)
         self.bags = None if bags is None else Path(bags)
         self.views = list(views)
@@ -247,7 +252,7 @@ class BagStore:
             while len(self._files) >= self.max_open:
                 self._files.popitem(last=False)[1].close()
         self._files[path] = handle
-        return read_open_bag(handle, path, thumbnails=False)
+        return read_open_bag(handle, path, thumbnails=False, checked=self.checked)
 
     def _load(self, patient_id: str) -> PatientBag:
         view_of = {v: i for i, v in enumerate(self.views)}

@@ -148,8 +148,7 @@ def load_run(run: str | Path, cohort: Cohort, bags: str | Path | None, patient_i
     if "n_views" in models[0][1]["spec"]["params"]:
         check_views(cohort, patient_ids, models[0][1]["spec"]["views"])
     store = BagStore(cohort, bags, models[0][1]["spec"]["views"], cache=True, columns=info.columns,
-                     feature_dim=info.feature_dim,
-                     n_cells=info.n_cells)
+                     feature_dim=info.feature_dim, n_cells=info.n_cells, checked=True)
     signatures_file = run / SIGNATURES_FILE
     signatures = None
     if signatures_file.is_file():

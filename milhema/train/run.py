@@ -89,7 +89,7 @@ def prepare(settings: Settings, cohort: Cohort, bags: Path | None) -> Prepared:
     cohort, cell_classifier = with_differential(cohort, bags, ids)
     views = resolve_views(cohort, settings.data.views)
     store = BagStore(cohort, bags, views, cache=settings.data.cache, columns=info.columns, n_cells=info.n_cells,
-                     feature_dim=info.feature_dim)
+                     feature_dim=info.feature_dim, checked=True)
     spec = model_spec(settings, info.feature_dim, cohort.classes, cohort.patient_features, views)
     if "n_views" in spec["params"]:  # a model that tells views apart must know every slide's view
         check_views(cohort, ids, views)
