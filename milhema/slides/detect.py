@@ -43,9 +43,7 @@ from milhema.slides.wsi import WholeSlide
 # relative to the slide's nuclear-stain density) instead of absolute red-channel ODs.
 # 4: a cell is a basin of its object holding a nucleus of chromatin joined through the cell's own
 # material (red cells leaning on it are cut off; platelets on a pile of red cells are no nucleus).
-# 5: a region without a nucleus's worth of nuclear-hued chromatin keeps the slide's nuclear stain as the
-# hue of chromatin (a field window of red cells and a platelet took red-cell overlaps for nuclei).
-DETECTOR_VERSION = 5
+DETECTOR_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -271,10 +269,9 @@ def _stain_maps(rgb: np.ndarray, mpp: float, options: DetectOptions, cal: Calibr
     if is_chromatin.any():
         dense = direction[is_chromatin]
         nuclear_like = dense @ nuclear > dense @ eosin
-        # Without a nucleus's worth of such pixels the region holds no nucleus to learn from (a window
-        # of red cells with a platelet): keep the slide's nuclear stain, not the hue of red-cell overlaps.
         if nuclear_like.sum() * mpp * mpp > options.min_nucleus_um2:
-            chromatin_dir = np.median(dense[nuclear_like], axis=0)
+            dense = dense[nuclear_like]
+        chromatin_dir = np.median(dense, axis=0)
     # Two red cells' worth of pixels (~44 µm² each) give a steady estimate of this region's red cells.
     enough_red = red.sum() * mpp * mpp > 90.0
     red_dir = np.median(direction[red], axis=0) if enough_red else eosin
