@@ -37,6 +37,7 @@ import numpy as np
 from perf_record import record  # tools/ is on sys.path when a tool runs as a script
 
 from milhema.slides.detect import DetectOptions, detect_cells, match_points
+from milhema.slides.source import field_options
 from milhema.slides.wsi import WholeSlide, read_scan_truth, truth_path
 
 TARGET = 0.95
@@ -174,7 +175,9 @@ def profile_cell(scratch: Path, profile: str, mpp: float, kind: str, patients: i
                           wsi=kind == "scan", fields=kind == "fields", workers=workers, progress=False)
     counts = dict.fromkeys(("true", "found", "matched", "debris", "seconds"), 0.0)
     for image in _images(cohort, kind, mpp):
-        found = detect_cells(image, DetectOptions(workers=workers if kind == "scan" else 1, progress=False))
+        options = DetectOptions(workers=workers, progress=False)
+        # Fields as milhema embed reads them.
+        found = detect_cells(image, options if kind == "scan" else field_options(options))
         xy, _, _ = read_scan_truth(truth_path(image.path), image.slide_id)
         centres = found.centres.astype(float)
         pairs = match_points(xy, centres, 5.0 / image.mpp)

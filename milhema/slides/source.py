@@ -33,6 +33,19 @@ from milhema.slides.fields import FieldImage, list_fields
 from milhema.slides.wsi import WholeSlide, is_wsi, read_scan_truth, truth_path
 
 log = logging.getLogger(__name__)
+# Fields up to this side (px) are detected as one tile (see field_options).
+FIELD_TILE_PX = 4096
+
+
+def field_options(options: DetectOptions) -> DetectOptions:
+    """Detection settings for one photographed field.
+
+    A field is a few tiles: a process pool per field would cost more than it saves. A field up to
+    :data:`FIELD_TILE_PX` a side is read as one tile: its red cells and chromatin are learnt from
+    the whole field, not from a strip at its edge (a 1280 px field cut at 1024 px left 256 px strips
+    of red cells whose overlaps passed for nuclei).
+    """
+    return replace(options, workers=1, tile_px=max(options.tile_px, FIELD_TILE_PX))
 MATCH_UM = 5.0   # a detection within 5 µm of an annotated cell centre is that cell
 UNMATCHED = "unmatched"
 _DETECTION_COLUMNS = ["x", "y", "x0", "y0", "x1", "y1", "score"]
@@ -136,8 +149,7 @@ def open_source(slide: Slide, detections_dir: Path, crop_um: float, detector: st
         if not listing.paths:
             log.warning("slide %s: fields folder %s holds no images (%s)", slide.slide_id, source,
                         ", ".join(sorted(IMAGE_SUFFIXES)))
-        # A field is a few tiles: a process pool per field would cost more than it saves.
-        options = replace(options, workers=1)
+        options = field_options(options)
         images: list[WholeSlide] = [FieldImage(slide.slide_id, path, slide.mpp) for path in listing.paths]
         names = listing.names
     else:
