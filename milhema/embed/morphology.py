@@ -34,7 +34,8 @@ MORPHOLOGY_FEATURES: tuple[str, ...] = (
 _MAX_CELL_RADIUS_UM = 12.0
 # Bumped whenever a feature's definition changes, so bags made before are not mixed with new ones.
 # 3: optical densities against the image's (or slide's) own white point, not 255.
-MORPHOLOGY_VERSION = 3
+# 4: a crop folder's cells against the white of a sample of its crops (one per slide), not each crop's own.
+MORPHOLOGY_VERSION = 4
 
 
 def optical_density(rgb: np.ndarray, calibration: Calibration | None = None) -> np.ndarray:

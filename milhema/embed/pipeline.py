@@ -43,7 +43,7 @@ from milhema.embed.stain import (
 )
 from milhema.errors import BagError, EmbedError, MilhemaError
 from milhema.io import write_text
-from milhema.slides.calibrate import Calibration
+from milhema.slides.calibrate import Calibration, calibrate
 from milhema.slides.crops import IMAGE_SUFFIXES, CropFolder, check_crop_folder
 from milhema.slides.detect import DetectOptions
 from milhema.slides.detectors import DEFAULT_DETECTOR, get_detector
@@ -195,6 +195,9 @@ def embed_cohort(cohort: Cohort, out: str | Path, options: EmbedOptions | None =
         if source.crops is not None:
             _check_crops(source.crops, opts.fail_on_bad_image, report)
     _check_mpp(sources, opts.morphology)
+    if opts.morphology:
+        for source in sources:
+            _calibrate_crops(source)
     normalisers = None if reference is None else [_slide_normaliser(reference, source) for source in sources]
     start = time.perf_counter()
     _run(out, pending, sources, backbone, opts, report, workers, reference, normalisers)
@@ -360,6 +363,20 @@ def _sample(source: CellSource, k: int, stream: int) -> list[np.ndarray]:
         except MilhemaError:
             continue
     return out
+
+
+def _calibrate_crops(source: CellSource) -> None:
+    """A crop folder's calibration (white point, stains) from a sample of its crops, for the morphology.
+
+    One crop holds little glass, and its own white point moves by several grey levels from crop to
+    crop (a 96 px crop crowded with red cells reads its glass darker): the cells of one slide are
+    measured against one white, as a scan's are against its detector's calibration.
+    """
+    if source.crops is None or source.calibration is not None or not len(source) or not source.mpp:
+        return
+    sample = _sample(source, _SLIDE_SAMPLE, 2)
+    if sample:
+        source.calibration = calibrate(sample, source.mpp, flat_field=False).to_dict()
 
 
 def _slide_normaliser(reference: StainReference, source: CellSource) -> SlideNormaliser:
