@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="append the table to docs/RESULTS.md")
     args = parser.parse_args()
     data = [(Path(c), Path(b)) for c, _, b in (d.partition(":") for d in args.data)]
+    folder_names = [c.name for c, _ in data]
+    if len(set(folder_names)) < len(folder_names):   # runs live in OUT/<variant>/<cohort folder name>: they would collide
+        raise SystemExit(f"--data: cohort folders need distinct names (got {folder_names}); link them under new names")
     rows: list[tuple[str, dict[str, dict[str, float]]]] = []   # variant -> cohort -> column -> value
     for text in args.variant:
         name, config, overrides = parse_variant(text)
