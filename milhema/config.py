@@ -39,7 +39,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # Feature blocks of the bags to use, e.g. [morphology] or ["timm/resnet18"]; null = all.
         "feature_blocks": None,
         # Training subsamples each bag to this many cells per step (evaluation uses whole bags):
-        # on small cohorts the subsampling is a strong augmentation (see docs/RESULTS.md).
+        # on small cohorts the subsampling is a strong augmentation (see docs/RESULTS.md). Bags of
+        # 1,000+ cells whose diagnostic cells are rarer than 1 %: 512 did better (RESULTS.md, rare witnesses).
         "max_cells": 128,
         # Evaluation (validation, test folds, predict): 0 = each bag whole; K > 0 = the mean of K
         # predictions of `max_cells`-cell subsamples, the inputs training saw (cell scores still

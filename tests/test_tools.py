@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from milhema.bags import read_bag
+from milhema.config import load_config
 from milhema.data import load_cohort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
@@ -78,3 +79,16 @@ def test_labels_to_reach_interpolates_in_log_labels() -> None:
     assert bench_active.labels_to_reach([50, 100, 200], [0.5, 0.6, 0.8], 0.7) == pytest.approx(100 * 2 ** 0.5)
     assert bench_active.labels_to_reach([50, 100], [0.9, 0.95], 0.8) == 50
     assert bench_active.labels_to_reach([50, 100], [0.5, 0.6], 0.8) == float("inf")
+
+
+def test_seed_table_refuses_cohort_folders_of_the_same_name() -> None:
+    assert seed_table.parse_data(["a/c1:a/b", "a/c2:a/b"]) == [(Path("a/c1"), Path("a/b")), (Path("a/c2"), Path("a/b"))]
+    with pytest.raises(SystemExit, match="distinct names"):
+        seed_table.parse_data(["w11/cohort:w11/bags", "w12/cohort:w12/bags"])
+
+
+def test_generic_mil_preset_loads_with_the_benchmark_settings() -> None:
+    preset = Path(__file__).resolve().parent.parent / "configs" / "mil_generic.yaml"
+    settings = load_config(preset, bench_mil.BASE_SET)
+    assert not settings.data.patient_features and settings.fusion.mode == "none"
+    assert settings.data.max_cells >= 1044   # Musk2's largest bag: whole bags in training

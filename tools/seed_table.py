@@ -50,6 +50,16 @@ def parse_variant(text: str) -> tuple[str, Path | None, list[str]]:
     return name, None if config in ("", "-") else Path(config), overrides
 
 
+def parse_data(items: Sequence[str]) -> list[tuple[Path, Path]]:
+    """``COHORT:BAGS`` items -> (cohort, bags) paths; the cohort folders' names must differ, since each
+    run lives in ``OUT/<variant>/<cohort folder name>`` (two ``.../cohort`` would share, and reuse, one run)."""
+    data = [(Path(c), Path(b)) for c, _, b in (d.partition(":") for d in items)]
+    names = [c.name for c, _ in data]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"--data: the cohort folders need distinct names (got {names}); link them under new names")
+    return data
+
+
 def run_variant(name: str, config: Path | None, overrides: Sequence[str], cohort_dir: Path, bags: Path,
                 out: Path) -> dict[str, Any]:
     """metrics.json of the variant on one cohort (run now unless a finished run is there: ``cv --resume``)."""
@@ -137,7 +147,7 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--record", action="store_true", help="append the table to docs/RESULTS.md")
     args = parser.parse_args()
-    data = [(Path(c), Path(b)) for c, _, b in (d.partition(":") for d in args.data)]
+    data = parse_data(args.data)
     rows: list[tuple[str, dict[str, dict[str, float]]]] = []   # variant -> cohort -> column -> value
     for text in args.variant:
         name, config, overrides = parse_variant(text)
