@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tiffslide
 from PIL import Image
+from test_synth import _tree_digest
 
 from milhema.cli import main
 from milhema.embed.stain import glass_colour
@@ -41,14 +42,6 @@ def _content_digest(root: Path) -> str:
             slide.close()
         else:
             digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def _tree_digest(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 

@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from milhema.errors import MilhemaError
 from milhema.io import write_text
+from milhema.train.checkpoint import read_weights_pair
 from milhema.version import __version__
 
 FORMAT = "milhema-cell-classifier"
@@ -146,15 +147,8 @@ def load_classifier(stem: Path) -> tuple[CellClassifier, dict[str, Any]]:
     Raises:
         CellClassifierError: a missing or damaged file, or weights that are not the ones recorded.
     """
+    meta, state = read_weights_pair(stem, "cell classifier", CellClassifierError)
     meta_path, weights = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
-    if not meta_path.is_file() or not weights.is_file():
-        raise CellClassifierError(f"cell classifier {stem.name}: {meta_path.name} and {weights.name} are both needed "
-                                  f"in {stem.parent}")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        state = load_file(str(weights))
-    except Exception as exc:  # json and safetensors raise several types for a damaged file
-        raise CellClassifierError(f"cell classifier {stem.name}: cannot read it ({str(exc).splitlines()[0]})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("spec"), dict):
         raise CellClassifierError(f"{meta_path}: not a milhema cell classifier")
     if meta.get("weights_sha256") != file_sha256(weights):

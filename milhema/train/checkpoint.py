@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from milhema.errors import MilhemaError
@@ -42,17 +43,25 @@ def save_checkpoint(stem: Path, model: PatientModel, spec: Mapping[str, Any], me
     return weights
 
 
-def load_checkpoint(stem: Path) -> tuple[PatientModel, dict[str, Any]]:
-    """Rebuild the model of ``stem.json`` and load ``stem.safetensors`` into it."""
+def read_weights_pair(stem: Path, what: str, error: type[MilhemaError]) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The parsed ``stem.json`` and the tensors of ``stem.safetensors`` (no pickle), for a checkpoint or
+    any other weights saved as such a pair; ``what`` names it in the ``error`` raised for a missing or
+    damaged file."""
     meta_path, weights = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
     if not meta_path.is_file() or not weights.is_file():
-        raise CheckpointError(f"checkpoint {stem.name}: {meta_path.name} and {weights.name} are both needed "
-                              f"in {stem.parent}")
+        raise error(f"{what} {stem.name}: {meta_path.name} and {weights.name} are both needed in {stem.parent}")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         state = load_file(str(weights))
     except Exception as exc:  # json and safetensors raise several types for a damaged file
-        raise CheckpointError(f"checkpoint {stem.name}: cannot read it ({str(exc).splitlines()[0]})") from exc
+        raise error(f"{what} {stem.name}: cannot read it ({str(exc).splitlines()[0]})") from exc
+    return meta, state
+
+
+def load_checkpoint(stem: Path) -> tuple[PatientModel, dict[str, Any]]:
+    """Rebuild the model of ``stem.json`` and load ``stem.safetensors`` into it."""
+    meta, state = read_weights_pair(stem, "checkpoint", CheckpointError)
+    meta_path = stem.with_suffix(".json")
     if meta.get("format") != "milhema-checkpoint":
         raise CheckpointError(f"{meta_path}: not a milhema checkpoint")
     model = build_model(meta["spec"])
