@@ -193,3 +193,27 @@ def test_morphology_counts_vacuoles_only_in_vacuolated_cells() -> None:
         rate[cell_type] = np.mean(np.array(counts) >= 2)
     assert rate["vacuolated_neutrophil"] > 0.8 and rate["vacuolated_monocyte"] > 0.8
     assert rate["neutrophil"] < 0.1 and rate["monocyte"] < 0.1
+
+
+@pytest.mark.parametrize("profile", ["analyser-100x", "camera-yellow", "wright-pale"])
+def test_morphology_cell_area_holds_across_acquisition_profiles(profile: str) -> None:
+    """The cytoplasm is told from red cells by colours read from each crop: a fixed hue rule lost a
+    camera's pink-orange neutrophil cytoplasm (~23 µm² for a ~140 µm² cell) and took pale red cells
+    into a lymphocyte on pale Wright slides (~130 µm²)."""
+    from milhema.synth.acquisition import PROFILES, slide_look
+
+    p = PROFILES[profile]
+    rng = np.random.default_rng(1)
+    area = MORPHOLOGY_FEATURES.index("cell_area_um2")
+    median = {}
+    for cell_type in ("lymphocyte", "neutrophil", "eosinophil"):
+        areas = []
+        for _ in range(10):
+            stain, light = slide_look(p, rng, 1.0, rng, p.mpp)
+            lamp = None if light is None else np.asarray(light.lamp, np.float32)
+            rgb, _ = render_crop(cell_type, rng, stain, size=round(24 / p.mpp), mpp=p.mpp, light=lamp)
+            areas.append(morphology_features(rgb, p.mpp)[area])
+        median[cell_type] = float(np.median(areas))
+    assert 40 < median["lymphocyte"] < 100, median
+    assert 90 < median["neutrophil"] < 200, median
+    assert 90 < median["eosinophil"] < 200, median

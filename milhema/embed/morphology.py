@@ -1,10 +1,10 @@
 """Handcrafted cytomorphology features of one single-cell crop (scikit-image).
 
-The central cell is segmented in optical-density (OD) space, where stains add up:
-chromatin absorbs strongly in red and green light (violet), basophilic cytoplasm mostly in red
-(blue), red cells about equally in green and blue (pink). The nucleus is what is dark in both red and
-green; the cytoplasm is what is stained but not pink. Eosinophil granules are pink too, so an
-eosinophil's cell area is underestimated. Areas are in µm² using the crop's
+The central cell is segmented in optical-density (OD) space, where stains add up: the nucleus is
+what is dark in both red and green light (chromatin, violet). The cytoplasm is told apart from the
+red cells around it by colour, with references taken from the crop itself rather than fixed hues
+(stains and cameras differ too much for one rule: a camera's pink-orange neutrophil cytoplasm has
+the hue a scanner gives red cells). See :func:`segment_cell`. Areas are in µm² using the crop's
 microns per pixel, so crops from different scanners are comparable.
 """
 
@@ -32,10 +32,18 @@ MORPHOLOGY_FEATURES: tuple[str, ...] = (
     "vacuole_count",          # clear holes of 0.15-6 µm² enclosed by the cytoplasm
 )
 _MAX_CELL_RADIUS_UM = 12.0
+# Cytoplasm: stained is a summed OD above this (pale cytoplasm starts at ~0.1-0.2, the glass is ~0
+# against the calibrated white); the cell's own colour is read in a ring _RING_UM (inner, outer) from
+# the nucleus -- not touching it: the blurred edge of the chromatin is darker than any cytoplasm and
+# made pale neutrophil cytoplasm read as a neighbour -- the neighbours' (red cells) beyond _FAR_UM.
+_STAINED_OD = 0.15
+_RING_UM = (0.5, 1.5)
+_FAR_UM = 6.0
 # Bumped whenever a feature's definition changes, so bags made before are not mixed with new ones.
 # 3: optical densities against the image's (or slide's) own white point, not 255.
 # 4: a crop folder's cells against the white of a sample of its crops (one per slide), not each crop's own.
-MORPHOLOGY_VERSION = 4
+# 5: cytoplasm by the nearer of two colour references read from the crop, not a fixed pink rule.
+MORPHOLOGY_VERSION = 5
 
 
 def optical_density(rgb: np.ndarray, calibration: Calibration | None = None) -> np.ndarray:
@@ -44,11 +52,6 @@ def optical_density(rgb: np.ndarray, calibration: Calibration | None = None) -> 
     (:mod:`milhema.slides.calibrate`, shared with the detector)."""
     white = calibration.white_array if calibration is not None else white_point(rgb)
     return calibrated_od(rgb, white)
-
-
-def optical_density_255(rgb: np.ndarray) -> np.ndarray:
-    """Absorbance ``[H, W, 3]`` float32 against a white of 255 (uncalibrated)."""
-    return -np.log((rgb.astype(np.float32) + 1.0) / 256.0)
 
 
 def segment_cell(rgb: np.ndarray, mpp: float, calibration: Calibration | None = None,
@@ -72,21 +75,47 @@ def segment_cell(rgb: np.ndarray, mpp: float, calibration: Calibration | None = 
     if not nucleus.any():
         return nucleus, nucleus
     smooth = ndi.gaussian_filter(od, sigma=(1.0, 1.0, 0.0))
-    stained = smooth.sum(axis=2) > 0.3
-    # Red cells absorb blue as much as green light (pink); white-cell cytoplasm absorbs less blue
-    # (lilac, grey-blue) or much more red (basophilic blue).
-    # The hue ratios are read against a white of 255, as the rule was set on: against the glass's
-    # own white, a tinted glass shifts blue/green of pale red cells past the rule (every red cell
-    # around a lymphocyte became its cytoplasm).
-    hue = ndi.gaussian_filter(optical_density_255(rgb), sigma=(1.0, 1.0, 0.0))
-    g = np.maximum(hue[..., 1], 1e-3)
-    cytoplasm = stained & ((hue[..., 2] < 0.8 * g) | (hue[..., 0] > 0.6 * g))
+    cytoplasm = _cytoplasm(smooth, nucleus, mpp)
     cy, cx = (float(v.mean()) for v in np.nonzero(nucleus))
     within = np.hypot(yy - cy, xx - cx) * mpp < _MAX_CELL_RADIUS_UM
-    cell = ndi.binary_fill_holes(ndi.binary_closing((cytoplasm & within) | nucleus, morphology.disk(2)))
+    cell = ndi.binary_fill_holes(ndi.binary_closing((cytoplasm & within) | nucleus,
+                                                    morphology.disk(max(2, round(0.3 / mpp)))))
     labels = measure.label(cell)
     cell = np.isin(labels, np.unique(labels[nucleus]))
     return cell, nucleus
+
+
+def _cytoplasm(od: np.ndarray, nucleus: np.ndarray, mpp: float) -> np.ndarray:
+    """Stained pixels ``[H, W]`` bool that belong with the cell of ``nucleus`` rather than its neighbours.
+
+    ``od [H, W, 3]`` (smoothed). Colour is chromaticity (each channel's share of the OD) and log
+    density. The cell's reference is the mean of the half of the ring round the nucleus least like
+    the far pixels (red cells often touch the nucleus); the neighbours' is the mean of the stained
+    pixels far from the nucleus. Each stained pixel goes to the nearer reference, without k-means
+    iterations: iterating drifted to a split by density (pale gaps vs cells) on crowded smears.
+    With too few far pixels, or references that do not differ, every stained pixel counts: a big
+    cell's own cytoplasm then reaches the far zone, and there is no neighbour to refuse.
+    """
+    total = od.sum(axis=2)
+    stained = (total > _STAINED_OD) & ~nucleus
+    distance = ndi.distance_transform_edt(~nucleus) * mpp                        # µm from the nucleus
+    ring = stained & (distance > _RING_UM[0]) & (distance < _RING_UM[1])
+    far = stained & (distance > _FAR_UM)
+    enough = max(10, int(0.3 / mpp**2))                                          # ~0.3 µm² of pixels
+    if ring.sum() < enough or far.sum() < enough:
+        return stained
+    density = np.maximum(total, 1e-3)
+    colour = np.stack([od[..., 0] / density, od[..., 2] / density, 0.3 * np.log(density)], axis=-1)
+    neighbours = colour[far].mean(axis=0)
+    ring_colour = colour[ring]
+    gap = np.linalg.norm(ring_colour - neighbours, axis=1)
+    own = ring_colour[gap >= np.median(gap)].mean(axis=0)
+    if np.linalg.norm(own - neighbours) <= 0.1:
+        return stained
+    x = colour[stained]
+    out = np.zeros_like(stained)
+    out[stained] = np.linalg.norm(x - own, axis=1) <= np.linalg.norm(x - neighbours, axis=1)
+    return out
 
 
 def morphology_features(rgb: np.ndarray, mpp: float, calibration: Calibration | None = None) -> np.ndarray:
