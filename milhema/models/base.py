@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -47,9 +48,16 @@ def require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def cell_encoder(in_dim: int, hidden_dim: int, dropout: float) -> nn.Sequential:
-    """The per-cell encoder all models share: Linear -> ReLU -> Dropout, ``[..., D] -> [..., H]``."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
+def cell_encoder(in_dim: int, hidden_dim: int, dropout: float, widths: Sequence[int] = ()) -> nn.Sequential:
+    """The per-cell encoder all models share: Linear -> ReLU -> Dropout, ``[..., D] -> [..., H]``.
+
+    ``widths`` puts more such layers before the last one, ``D -> widths[0] -> ... -> H`` (Ilse et
+    al.'s shape for the classic MIL benchmarks is ``widths=(256, 128)``, ``H = 64``)."""
+    dims = [in_dim, *widths, hidden_dim]
+    layers: list[nn.Module] = []
+    for a, b in zip(dims[:-1], dims[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
 
 
 def normalize_scores(scores: Tensor, mask: Tensor) -> Tensor:
