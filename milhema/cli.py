@@ -30,11 +30,13 @@ BAGS_HELP = ("folder of bags from milhema embed (not needed when slides.csv's so
 def _synth(args: argparse.Namespace) -> int:
     from milhema.synth.cohort import synthesize_cohort
 
+    # Scans and fields are what a detector meets in many labs: multi-centre unless asked otherwise.
+    acquisition = args.acquisition or ("mixed" if args.wsi or args.fields else "default")
     out = synthesize_cohort(args.out, args.patients, args.seed, args.difficulty, cells_per_slide=args.cells,
                             crop_px=args.crop_px, wsi=args.wsi, wsi_size=args.wsi_size, workers=args.workers,
-                            progress=not args.quiet, acquisition=args.acquisition, mpp=args.mpp, fields=args.fields)
+                            progress=not args.quiet, acquisition=acquisition, mpp=args.mpp, fields=args.fields)
     kind = "scanned smears" if args.wsi else "folders of field photographs" if args.fields else "crop folders"
-    look = "" if args.acquisition == "default" else f", acquisition {args.acquisition}"
+    look = "" if acquisition == "default" else f", acquisition {acquisition}"
     print(f"wrote a simulated cohort of {args.patients} patients ({kind}{look}) to {out}")
     return 0
 
@@ -326,9 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="side of each scan in px (default: room for its cells at a typical density)")
     p.add_argument("--fields", action="store_true",
                    help="write each slide as a folder of photographed fields (kind=fields) instead of crops")
-    p.add_argument("--acquisition", choices=PROFILE_NAMES, default="default", metavar="PROFILE",
-                   help="how the smears were stained and imaged (profiles below; default: the simulator's "
-                        "own look, unchanged; mixed: one profile per slide)")
+    p.add_argument("--acquisition", choices=PROFILE_NAMES, default=None, metavar="PROFILE",
+                   help="how the smears were stained and imaged (profiles below). Default: mixed (one profile "
+                        "per slide) with --wsi or --fields, else default (the simulator's own look, unchanged)")
     p.add_argument("--mpp", type=float, default=None,
                    help="µm per pixel of every slide instead of the profile's (0.05-2)")
     p.add_argument("--crop-px", type=_positive_int, default=None,

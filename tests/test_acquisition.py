@@ -166,3 +166,8 @@ def test_cli_lists_profiles_and_refuses_bad_combinations(tmp_path: Path, capsys:
     assert "acquisition analyser-100x" in capsys.readouterr().out
     assert {float(r["mpp"]) for r in _slides(tmp_path / "y")} == {0.08}
     assert _read(next((tmp_path / "y" / "slides").glob("*/cell_*.jpg"))).shape == (300, 300, 3)
+    # Scans (and fields) are multi-centre unless a profile is named; crops keep the default look.
+    assert main(["synth", "--out", str(tmp_path / "z"), "--patients", "2", "--cells", "2", "--wsi",
+                 "--wsi-size", "512", "-q"]) == 0
+    assert "acquisition mixed" in capsys.readouterr().out
+    assert json.loads((tmp_path / "z" / "synth.json").read_text())["acquisition"] == "mixed"

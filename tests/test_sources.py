@@ -33,7 +33,7 @@ def scans(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 simulated patients, one 1024 px scan each (~12 white cells), with truth files."""
     out = tmp_path_factory.mktemp("sources") / "cohort"
     assert main(["synth", "--out", str(out), "--patients", "4", "--seed", "5", "--cells", "12", "--wsi",
-                 "--wsi-size", "1024", "--workers", "2", "-q"]) == 0
+                 "--acquisition", "default", "--wsi-size", "1024", "--workers", "2", "-q"]) == 0
     return out
 
 

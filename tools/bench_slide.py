@@ -25,9 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench_detect import render_large  # tools/ is on sys.path when a tool runs as a script
 from perf_record import report
 
+from bench_detect import render_large  # tools/ is on sys.path when a tool runs as a script
 from milhema.io import write_csv
 
 
@@ -43,7 +43,8 @@ def reference_run(scratch: Path, backbone: str, device: str) -> Path:
     """A model trained on a small simulated scan cohort embedded with ``backbone`` (made once)."""
     cohort, bags, run = scratch / "train_cohort", scratch / "train_bags", scratch / "run"
     if not cohort.exists():
-        milhema("synth", "--out", str(cohort), "--patients", "12", "--wsi", "--wsi-size", "2500", "--seed", "5")
+        milhema("synth", "--out", str(cohort), "--patients", "12", "--wsi", "--wsi-size", "2500", "--seed", "5",
+                "--acquisition", "default")
     if not run.exists():
         milhema("embed", "--cohort", str(cohort), "--out", str(bags), "--backbone", backbone, "--no-pretrained",
                 "--device", device)
