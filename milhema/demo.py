@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import numpy as np
 from milhema.config import load_config
 from milhema.data.manifest import load_cohort
 from milhema.embed.pipeline import EmbedOptions, embed_cohort
+from milhema.errors import EmbedError
 from milhema.explain.run import run_explain
 from milhema.io import write_text
 from milhema.synth.cohort import synthesize_cohort
@@ -61,8 +62,15 @@ def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None,
 
     print(f"[2/4] embedding with {s.backbone} (random weights: no pretrained file is bundled) "
           f"+ morphology features, input {s.input_size} px")
-    report = embed_cohort(cohort, bags_dir, EmbedOptions(backbone=s.backbone, pretrained=False, morphology=True,
-                                                         input_size=s.input_size, progress=progress))
+    options = EmbedOptions(backbone=s.backbone, pretrained=False, morphology=True, input_size=s.input_size,
+                           progress=progress)
+    try:
+        report = embed_cohort(cohort, bags_dir, options)
+    except EmbedError:
+        # Bags of an earlier demo made another way (an older milhema's morphology, say). The folder
+        # is the demo's own, so they are redone rather than sending a newcomer to --overwrite.
+        print(f"      {bags_dir} holds bags made with other settings (an earlier milhema): embedding again")
+        report = embed_cohort(cohort, bags_dir, replace(options, overwrite=True))
     print(f"      {report.summary()}")
 
     print(f"[3/4] {s.folds}-fold patient-grouped cross-validation: ABMIL + CBC fusion and baselines "

@@ -44,7 +44,7 @@ ALLOWED = {
                       "milhema.config", "milhema.data", "milhema.bags", "milhema.train", "milhema.differential"},
     "milhema.explain": {"milhema.errors", "milhema.io", "milhema.device", "milhema.data", "milhema.bags",
                         "milhema.slides", "milhema.train", "milhema.differential"},
-    "milhema.demo": {"milhema.config", "milhema.data", "milhema.embed", "milhema.explain", "milhema.io",
+    "milhema.demo": {"milhema.errors", "milhema.config", "milhema.data", "milhema.embed", "milhema.explain", "milhema.io",
                      "milhema.synth", "milhema.tracking", "milhema.train"},
     "milhema.cli": {"milhema.version", "milhema.errors", "milhema.settings", "milhema.config", "milhema.data", "milhema.importers",
                     "milhema.synth", "milhema.embed", "milhema.train", "milhema.explain", "milhema.tracking",
