@@ -43,7 +43,9 @@ from milhema.slides.wsi import WholeSlide
 # relative to the slide's nuclear-stain density) instead of absolute red-channel ODs.
 # 4: a cell is a basin of its object holding a nucleus of chromatin joined through the cell's own
 # material (red cells leaning on it are cut off; platelets on a pile of red cells are no nucleus).
-DETECTOR_VERSION = 4
+# 5: lobes of a nucleus that a waist of the cell separates (coarse pixels) still make it a cell, and
+# lobes of platelet size joined by their cell's cytoplasm are not dropped as platelets.
+DETECTOR_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,8 @@ def _nucleated_pieces(region: np.ndarray, nucleus: np.ndarray, need: float, min_
     nucleus), or, joined with other such basins through touching chromatin, is a cell if together
     they reach ``need``. What remains holds no nucleus of its own: red cells leaning on a white cell,
     and piles of red cells whose platelets (each a speck of chromatin) add up to a nucleus's area
-    only across several red cells.
+    only across several red cells. An object none of whose basins holds a nucleus but which holds
+    one in all is one cell (lobes of a segmented nucleus on both sides of a waist, at coarse pixels).
     """
     dist = ndi.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
     peaks = peak_local_max(dist, min_distance=peak_px, threshold_abs=peak_px, exclude_border=False)
@@ -231,6 +234,11 @@ def _nucleated_pieces(region: np.ndarray, nucleus: np.ndarray, need: float, min_
         cell = region & np.isin(dense, np.flatnonzero(roots == r))
         if total[r] >= need and cell.sum() >= min_cell:
             out.append(cell)
+    if not out and held.sum() >= need:
+        # No basin holds a nucleus, the object does: a segmented nucleus whose lobes a waist of the
+        # cell separated and no chromatin joins (each lobe a few px at 0.5 µm/px). Platelets are not
+        # summed here: pieces of platelet size were dropped unless their cell's cytoplasm joins them.
+        out.append(region)
     return out
 
 
@@ -312,7 +320,10 @@ def segment_regions(rgb: np.ndarray, mpp: float, options: DetectOptions | None =
     if n_pieces:
         small = np.bincount(pieces.ravel()) < 0.5 * options.min_nucleus_um2 / (mpp * mpp)
         small[0] = False
-        is_chromatin &= ~small[pieces]
+        # ... unless their cell's cytoplasm joins them into a nucleus: at coarse pixels (0.5 µm/px)
+        # each lobe of a segmented neutrophil is a piece of ~5 µm², under the platelet size.
+        lobes = _joined(is_chromatin, body & chromatin_hue, options.min_nucleus_um2 / (mpp * mpp))
+        is_chromatin &= ~small[pieces] | lobes
     mask = body | is_chromatin
     # The white cell's own material: chromatin and what has its hue. Red cells piled up are dense
     # enough to count as cell body, but they do not join a white cell's chromatin into one nucleus.
