@@ -119,3 +119,4 @@ def test_segmented_neutrophils_at_coarse_pixels_are_found(tmp_path: Path) -> Non
         truth += len(xy)
         found += round(recall * len(xy))
     assert truth == 54 and found >= 53
+
