@@ -91,4 +91,4 @@ def test_generic_mil_preset_loads_with_the_benchmark_settings() -> None:
     preset = Path(__file__).resolve().parent.parent / "configs" / "mil_generic.yaml"
     settings = load_config(preset, bench_mil.BASE_SET)
     assert not settings.data.patient_features and settings.fusion.mode == "none"
-    assert settings.data.max_cells >= 1044   # Musk2's largest bag: whole bags in training
+    assert not settings.loss.class_weights   # accuracy is what the benchmark scores
