@@ -120,3 +120,17 @@ def test_segmented_neutrophils_at_coarse_pixels_are_found(tmp_path: Path) -> Non
         found += round(recall * len(xy))
     assert truth == 54 and found >= 53
 
+
+
+def test_a_nucleus_cut_by_its_cells_waist_is_one_cell_and_touching_nuclei_two() -> None:
+    """Two round bodies joined by a waist. A band-shaped nucleus crossing the waist at its full width
+    is one cell's (a band or lobed neutrophil at 0.08 µm/px, split in two by detector 4); two round
+    nuclei that only touch are two cells."""
+    from milhema.slides.detect import _nucleated_pieces
+
+    yy, xx = np.mgrid[0:60, 0:100]
+    region = (np.hypot(yy - 30, xx - 30) < 20) | (np.hypot(yy - 30, xx - 66) < 20)
+    band = region & (np.abs(yy - 30) <= 4) & (xx > 16) & (xx < 80)
+    assert len(_nucleated_pieces(region, band, 60, 100, 5, 0.9)) == 1
+    touching = (np.hypot(yy - 30, xx - 39) < 9) | (np.hypot(yy - 30, xx - 57) < 9)
+    assert len(_nucleated_pieces(region, touching & region, 60, 100, 5, 0.9)) == 2
