@@ -25,9 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+from bench_detect import render_large  # tools/ is on sys.path when a tool runs as a script
 from perf_record import report
 
-from bench_detect import render_large  # tools/ is on sys.path when a tool runs as a script
 from milhema.io import write_csv
 
 
