@@ -17,7 +17,7 @@ import numpy as np
 from milhema.config import load_config
 from milhema.data.manifest import load_cohort
 from milhema.embed.pipeline import EmbedOptions, embed_cohort
-from milhema.errors import EmbedError
+from milhema.errors import BagSettingsError
 from milhema.explain.run import run_explain
 from milhema.io import write_text
 from milhema.synth.cohort import synthesize_cohort
@@ -66,7 +66,7 @@ def run_demo(out: str | Path = "demo_out", settings: DemoSettings | None = None,
                            progress=progress)
     try:
         report = embed_cohort(cohort, bags_dir, options)
-    except EmbedError:
+    except BagSettingsError:
         # Bags of an earlier demo made another way (an older milhema's morphology, say). The folder
         # is the demo's own, so they are redone rather than sending a newcomer to --overwrite.
         print(f"      {bags_dir} holds bags made with other settings (an earlier milhema): embedding again")

@@ -30,6 +30,10 @@ class EmbedError(MilhemaError):
     """The backbone, its weights or the cell images cannot be used for embedding."""
 
 
+class BagSettingsError(EmbedError):
+    """A finished bag in the output folder was embedded with other settings (``--overwrite`` redoes it)."""
+
+
 class TrackingError(MilhemaError):
     """Experiment tracking (W&B, pseudonymisation salt) cannot be set up."""
 

@@ -39,6 +39,10 @@ _MAX_CELL_RADIUS_UM = 12.0
 _STAINED_OD = 0.15
 _RING_UM = (0.5, 1.5)
 _FAR_UM = 6.0
+# Colour space of the two references: chromaticity (red and blue shares of the OD, 0-1) beside
+# this weight × log density; references nearer than _SAME_COLOUR in it are one colour.
+_LOG_DENSITY_WEIGHT = 0.3
+_SAME_COLOUR = 0.1
 # Bumped whenever a feature's definition changes, so bags made before are not mixed with new ones.
 # 3: optical densities against the image's (or slide's) own white point, not 255.
 # 4: a crop folder's cells against the white of a sample of its crops (one per slide), not each crop's own.
@@ -105,12 +109,12 @@ def _cytoplasm(od: np.ndarray, nucleus: np.ndarray, mpp: float) -> np.ndarray:
     if ring.sum() < enough or far.sum() < enough:
         return stained
     density = np.maximum(total, 1e-3)
-    colour = np.stack([od[..., 0] / density, od[..., 2] / density, 0.3 * np.log(density)], axis=-1)
+    colour = np.stack([od[..., 0] / density, od[..., 2] / density, _LOG_DENSITY_WEIGHT * np.log(density)], axis=-1)
     neighbours = colour[far].mean(axis=0)
     ring_colour = colour[ring]
     gap = np.linalg.norm(ring_colour - neighbours, axis=1)
     own = ring_colour[gap >= np.median(gap)].mean(axis=0)
-    if np.linalg.norm(own - neighbours) <= 0.1:
+    if np.linalg.norm(own - neighbours) <= _SAME_COLOUR:
         return stained
     x = colour[stained]
     out = np.zeros_like(stained)

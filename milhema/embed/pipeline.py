@@ -41,7 +41,7 @@ from milhema.embed.stain import (
     load_reference,
     sample_indices,
 )
-from milhema.errors import BagError, EmbedError, MilhemaError
+from milhema.errors import BagError, BagSettingsError, EmbedError, MilhemaError
 from milhema.io import write_text
 from milhema.slides.calibrate import Calibration, calibrate
 from milhema.slides.crops import IMAGE_SUFFIXES, CropFolder, check_crop_folder
@@ -305,10 +305,10 @@ def _finished(path: Path, signature: str) -> bool:
     if made_with != signature:
         had, want = _stain_of(made_with), _stain_of(signature)
         if had != want:
-            raise EmbedError(f"{path} was embedded with --stain-normalize {had}, not {want}; use --overwrite to "
-                             "redo it or another --out folder")
-        raise EmbedError(f"{path} was embedded with other settings ({made_with}); use --overwrite to redo it "
-                         "or another --out folder")
+            raise BagSettingsError(f"{path} was embedded with --stain-normalize {had}, not {want}; use --overwrite "
+                                   "to redo it or another --out folder")
+        raise BagSettingsError(f"{path} was embedded with other settings ({made_with}); use --overwrite to redo it "
+                               "or another --out folder")
     # An empty bag costs nothing to redo, and its source may have been fixed since (images added,
     # a layout this version reads): it is listed again rather than kept.
     return int(attrs["n_cells"]) > 0

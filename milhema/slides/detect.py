@@ -229,11 +229,10 @@ def _nucleated_pieces(region: np.ndarray, nucleus: np.ndarray, need: float, min_
             continue
         nucleated = [int(k) for k in touched if held[k] >= need]
         target = nucleated[0] if nucleated else int(touched[0])
-        width = _width(mask)
         for k in touched:
             if k == target:
                 continue
-            if held[k] < need or not nucleated or _crossing(mask, dense, int(k), target) >= 0.8 * width:
+            if held[k] < need or not nucleated or _crossing(mask, dense, int(k), target) >= 0.8 * _width(mask):
                 parent[root(int(k))] = root(target)
     roots = np.array([root(k) for k in range(len(ids))])
     total = np.bincount(roots, weights=held, minlength=len(ids))
@@ -259,12 +258,7 @@ def _crossing(mask: np.ndarray, basins: np.ndarray, a: int, b: int) -> int:
     """How many px of ``mask`` in basin ``a`` have a 4-neighbour of ``mask`` in basin ``b``: the
     length of the cut the border between the two basins makes across the shape."""
     in_a, in_b = mask & (basins == a), mask & (basins == b)
-    near_b = np.zeros_like(in_b)
-    near_b[1:] |= in_b[:-1]
-    near_b[:-1] |= in_b[1:]
-    near_b[:, 1:] |= in_b[:, :-1]
-    near_b[:, :-1] |= in_b[:, 1:]
-    return int((in_a & near_b).sum())
+    return int((in_a & ndi.binary_dilation(in_b)).sum())   # the default structure: 4-neighbours
 
 
 def _stain_maps(rgb: np.ndarray, mpp: float, options: DetectOptions, cal: Calibration,
@@ -339,6 +333,9 @@ def segment_regions(rgb: np.ndarray, mpp: float, options: DetectOptions | None =
     cal = calibration or calibrate(rgb, mpp, flat_field=options.flat_field)
     chromatin, chromatin_hue, body = _stain_maps(rgb, mpp, options, cal)
     is_chromatin = (chromatin > cal.nucleus_od) & chromatin_hue
+    # The white cell's own material: chromatin and what has its hue. Red cells piled up are dense
+    # enough to count as cell body, but they do not join a white cell's chromatin into one nucleus.
+    cytoplasm = body & chromatin_hue
     # Chromatin specks smaller than half the smallest nucleus are platelets (2–3 µm): they do not
     # add up to a nucleus, even when a pile of red cells joins a few of them into one object.
     pieces, n_pieces = ndi.label(is_chromatin)
@@ -347,12 +344,10 @@ def segment_regions(rgb: np.ndarray, mpp: float, options: DetectOptions | None =
         small[0] = False
         # ... unless their cell's cytoplasm joins them into a nucleus: at coarse pixels (0.5 µm/px)
         # each lobe of a segmented neutrophil is a piece of ~5 µm², under the platelet size.
-        lobes = _joined(is_chromatin, body & chromatin_hue, options.min_nucleus_um2 / (mpp * mpp))
+        lobes = _joined(is_chromatin, cytoplasm, options.min_nucleus_um2 / (mpp * mpp))
         is_chromatin &= ~small[pieces] | lobes
     mask = body | is_chromatin
-    # The white cell's own material: chromatin and what has its hue. Red cells piled up are dense
-    # enough to count as cell body, but they do not join a white cell's chromatin into one nucleus.
-    own = (body & chromatin_hue) | is_chromatin
+    own = cytoplasm | is_chromatin
     # Thin bridges of stain (fibrin, a red cell's rim) do not join a cell to its neighbours.
     mask = ndi.binary_opening(mask, _disk(max(1, round(0.5 / mpp)))) | is_chromatin
     labels, n = ndi.label(mask)
