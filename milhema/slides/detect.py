@@ -48,7 +48,9 @@ from milhema.slides.wsi import WholeSlide
 # lobes of platelet size joined by their cell's cytoplasm are not dropped as platelets.
 # 6: basins that each hold a nucleus are one cell when one piece of chromatin crosses between them
 # at its full width (a band or lobed nucleus cut by its cell's waist at 0.08 µm/px).
-DETECTOR_VERSION = 6
+# 7: the red cells' spread of hue without their noise (counted once, per pixel), so that a small
+# nucleus under a quick stain keeps its edges.
+DETECTOR_VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -306,17 +308,22 @@ def _stain_maps(rgb: np.ndarray, mpp: float, options: DetectOptions, cal: Calibr
     if float(axis @ axis) < 1e-4:   # red cells and chromatin of one hue: nothing to tell them apart by
         return chromatin, np.ones(chromatin.shape, bool), stained
     hue = (direction - red_dir) @ (axis / float(axis @ axis))
+    # A pixel's hue is noisy (the glass's OD noise over its own OD, along the hue axis), the more so
+    # the paler it is.
+    hue_noise = cal.noise_od / (np.maximum(norm, 1e-6) * float(np.sqrt(axis @ axis)))
     if enough_red:
         red_hue = hue[red]
-        hue_threshold = float(np.median(red_hue)) + options.body_mads * max(_mad(red_hue), 0.02)
+        # The red cells' own spread of hue, their noise taken out in quadrature: pale red cells under
+        # a quick stain and a yellow lamp are mostly noise in hue, and counting that noise here and
+        # again per pixel below made the edges of a small nucleus too red to be chromatin.
+        spread = math.sqrt(max(_mad(red_hue) ** 2 - float(np.median(hue_noise[red])) ** 2, 0.0))
+        hue_threshold = float(np.median(red_hue)) + options.body_mads * max(spread, 0.02)
         # Denser than two of the densest red cells stacked: stain, not a pile of red cells.
         dense_od = 2.0 * float(np.percentile(norm[red], 99))
     else:
         hue_threshold, dense_od = 0.5, np.inf
-    # A pixel's hue is noisy (the glass's OD noise over its own OD, along the hue axis), the more so
-    # the paler it is: chromatin and cell body need the hue of chromatin by three such sd (dense
+    # Chromatin and cell body need the hue of chromatin by three sd of their own noise (dense
     # overlaps of red cells, platelets beside them and the rims of red cells do not count).
-    hue_noise = cal.noise_od / (np.maximum(norm, 1e-6) * float(np.sqrt(axis @ axis)))
     chromatin_hue = hue > hue_threshold + 3.0 * hue_noise
     body = stained & (chromatin_hue | (norm > dense_od))
     return chromatin, chromatin_hue, body
