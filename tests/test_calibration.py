@@ -100,6 +100,33 @@ def test_morphology_segments_a_crop_of_a_tinted_field() -> None:
     assert 15 < area < 80 and cell.sum() >= nucleus.sum()
 
 
+def _found_in_profile(tmp_path: Path, acquisition: str, kind: str) -> tuple[int, int]:
+    """(true white cells, cells found) over the scans or fields of one simulated patient (seed 2026,
+    15 cells per slide) at 0.5 µm/px, each image detected as ``milhema embed`` detects it; every
+    detection must be a true white cell."""
+    from milhema.slides.fields import FieldImage
+    from milhema.slides.source import field_options
+    from milhema.slides.wsi import read_scan_truth, truth_path
+    from milhema.synth import synthesize_cohort
+
+    cohort = synthesize_cohort(tmp_path / "c", 1, seed=2026, cells_per_slide=15, acquisition=acquisition, mpp=0.5,
+                               wsi=kind == "scan", fields=kind == "fields", workers=1, progress=False)
+    slides = cohort / "slides"
+    images: list[WholeSlide] = (
+        [WholeSlide(p.stem, p) for p in sorted(slides.glob("*.tiff"))] if kind == "scan"
+        else [FieldImage(p.parent.name, p, mpp_override=0.5) for p in sorted(slides.glob("*/*.jpg"))])
+    options = DetectOptions(progress=False)
+    truth, found = 0, 0
+    for image in images:
+        detections = detect_cells(image, options if kind == "scan" else field_options(options))
+        xy, _, _ = read_scan_truth(truth_path(image.path), image.slide_id)
+        recall, precision, _ = recall_precision(xy, detections.centres.astype(float), 5.0 / image.mpp)
+        assert precision == 1.0, f"{image.path.name}: a detection that is no white cell"
+        truth += len(xy)
+        found += round(recall * len(xy))
+    return truth, found
+
+
 def test_segmented_neutrophils_at_coarse_pixels_are_found(tmp_path: Path) -> None:
     """At 0.5 µm/px a neutrophil's lobes are pieces of a few px that neither chromatin nor a basin of
     the cell joins (a waist splits the cell between them): the cell is still one white cell
@@ -107,22 +134,8 @@ def test_segmented_neutrophils_at_coarse_pixels_are_found(tmp_path: Path) -> Non
     under the 0.95 of issue 16). Detector 7 finds 52: it misses one isolated eosinophil, as 5 and 6
     did, and a neutrophil pressed against a lymphocyte, whose nuclei, with its edges now kept, blur
     into one piece of chromatin at this pixel size (one detection for the two)."""
-    from milhema.slides.wsi import read_scan_truth, truth_path
-    from milhema.synth import synthesize_cohort
-
-    cohort = synthesize_cohort(tmp_path / "c", 1, seed=2026, cells_per_slide=15, acquisition="scanner-40x", mpp=0.5,
-                               wsi=True, workers=1, progress=False)
-    truth, found = 0, 0
-    for path in sorted((cohort / "slides").glob("*.tiff")):
-        slide = WholeSlide(path.stem, path)
-        detections = detect_cells(slide, DetectOptions(progress=False))
-        xy, _, _ = read_scan_truth(truth_path(path), path.stem)
-        recall, precision, _ = recall_precision(xy, detections.centres.astype(float), 5.0 / slide.mpp)
-        assert precision == 1.0
-        truth += len(xy)
-        found += round(recall * len(xy))
+    truth, found = _found_in_profile(tmp_path, "scanner-40x", "scan")
     assert truth == 54 and found >= 52
-
 
 
 def test_a_nucleus_cut_by_its_cells_waist_is_one_cell_and_touching_nuclei_two() -> None:
@@ -145,20 +158,5 @@ def test_small_nuclei_under_a_quick_stain_and_a_yellow_lamp_keep_their_edges(tmp
     pixel), so the edges of small nuclei were not chromatin and lymphocytes fell under the cell size
     (recall 0.81 on these 54 cells; one field lost 10 of its 18). Taking the noise out of the red
     cells' spread keeps them, and still no platelet or red cell is counted."""
-    from milhema.slides.fields import FieldImage
-    from milhema.slides.source import field_options
-    from milhema.slides.wsi import read_scan_truth, truth_path
-    from milhema.synth import synthesize_cohort
-
-    cohort = synthesize_cohort(tmp_path / "c", 1, seed=2026, cells_per_slide=15, acquisition="camera-yellow",
-                               mpp=0.5, fields=True, workers=1, progress=False)
-    truth, found = 0, 0
-    for path in sorted((cohort / "slides").glob("*/*.jpg")):
-        field = FieldImage(path.parent.name, path, mpp_override=0.5)
-        detections = detect_cells(field, field_options(DetectOptions(progress=False)))
-        xy, _, _ = read_scan_truth(truth_path(path), field.slide_id)
-        recall, precision, _ = recall_precision(xy, detections.centres.astype(float), 5.0 / field.mpp)
-        assert precision == 1.0
-        truth += len(xy)
-        found += round(recall * len(xy))
+    truth, found = _found_in_profile(tmp_path, "camera-yellow", "fields")
     assert truth == 54 and found >= 52

@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="keep bags and runs here (default: a temporary folder)")
     parser.add_argument("--record", action="store_true", help="append the table to docs/RESULTS.md")
     args = parser.parse_args()
+    if args.only and not args.nested:
+        parser.error("--only picks candidates of a --nested file; give --nested too")
     source = csv_folder(args.csv_dir)
     candidates = yaml.safe_load(args.nested.read_text()) if args.nested else None
     if candidates and args.only:
