@@ -398,8 +398,9 @@ def _validate_train(train: Mapping[str, Any]) -> None:
                                "weight_decay": 0.0, "seed": 0})
     if not 0.0 < train["lr"] < 1.0:
         raise ConfigError(f"train.lr must be between 0 and 1, got {train['lr']}")
-    if not 0.0 < train["val_fraction"] < 0.5:
-        raise ConfigError(f"train.val_fraction must be between 0 and 0.5, got {train['val_fraction']}")
+    if not 0.0 <= train["val_fraction"] < 0.5:
+        raise ConfigError(f"train.val_fraction must be at least 0 and below 0.5 (0: no validation split, train for "
+                          f"train.epochs epochs), got {train['val_fraction']}")
     if train["grad_clip"] <= 0:
         raise ConfigError(f"train.grad_clip must be greater than 0 (the largest gradient norm), got {train['grad_clip']}")
     if train["seed"] > _MAX_SEED:

@@ -92,3 +92,4 @@ def test_generic_mil_preset_loads_with_the_benchmark_settings() -> None:
     settings = load_config(preset, bench_mil.BASE_SET)
     assert not settings.data.patient_features and settings.fusion.mode == "none"
     assert not settings.loss.class_weights   # accuracy is what the benchmark scores
+    assert settings.train.val_fraction == 0 and settings.train.epochs == 100   # round 4's noval_e100

@@ -250,6 +250,28 @@ def test_train_run_and_existing_folder(planted, tmp_path: Path) -> None:
     assert result["probs"].shape == (24, 2)
 
 
+def test_no_validation_split_trains_on_every_training_patient_for_the_set_epochs(planted, tmp_path: Path) -> None:
+    # train.val_fraction 0: no early stopping, no temperature; the folds keep every training patient.
+    config = _config("train.val_fraction=0", "train.epochs=6", "train.patience=1")
+    cohort = load_cohort(planted[0], CLASSES, ["wbc", "hb"])
+    metrics = run_train(config, cohort, planted[1], tmp_path / "train", progress=False)
+    assert (metrics["n_train"], metrics["n_val"], metrics["epochs_run"], metrics["temperature"]) == (24, 0, 6, 1.0)
+    assert metrics["note"].startswith("train.val_fraction is 0") and "early_stopping_split" not in metrics
+    assert run_predict(tmp_path / "train", cohort, planted[1], tmp_path / "pred")["probs"].shape == (24, 2)
+    cv = run_cv(config, cohort, planted[1], tmp_path / "cv", progress=False)
+    for k in range(3):
+        meta = json.loads((tmp_path / "cv" / "checkpoints" / f"r0_f{k}.json").read_text())
+        assert meta["val_patients"] == [] and meta["temperature"] == 1.0
+        assert sorted(meta["train_patients"] + meta["test_patients"]) == [f"P{i:02d}" for i in range(24)]
+    history = [json.loads(line) for line in (tmp_path / "cv" / "history.jsonl").read_text().splitlines()]
+    assert [sum(h["fold"] == k for h in history) for k in range(3)] == [6, 6, 6]   # patience 1 never stopped it
+    assert not any("val_loss" in h for h in history)
+    assert cv["calibration"]["method"].startswith("none: train.val_fraction is 0")
+    assert cv["calibration"]["ece"]["before"] == pytest.approx(cv["calibration"]["ece"]["after"], abs=1e-7)
+    with pytest.raises(MilhemaError, match="train.val_fraction must be at least 0"):
+        _config("train.val_fraction=-0.1")
+
+
 def test_cv_refuses_too_few_patients_per_class(planted, tmp_path: Path) -> None:
     config = _config("cv.folds=20")
     cohort = load_cohort(planted[0], CLASSES, ["wbc", "hb"])

@@ -272,7 +272,8 @@ class CvResults:
     def _calibration(self, folder: Path) -> dict[str, Any]:
         """Calibration and coverage of the repeat-averaged out-of-fold probabilities."""
         return _calibration_summary(self.plan.y, self.raw_probs.mean(axis=0), self.patient_probs.mean(axis=0),
-                                    self.temperatures, len(self.plan.cohort.classes), folder)
+                                    self.temperatures, len(self.plan.cohort.classes), folder,
+                                    fitted=self.plan.settings.train.val_fraction > 0)
 
     def metrics(self, folder: Path, ranks: Ranks, started: float) -> dict[str, Any]:
         """metrics.json of the run (the Kaplan-Meier figure of a survival task goes to ``folder``)."""
@@ -311,14 +312,16 @@ class CvResults:
 
 
 def _calibration_summary(y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, temperatures: Sequence[float],
-                         n_classes: int, folder: Path) -> dict[str, Any]:
+                         n_classes: int, folder: Path, fitted: bool = True) -> dict[str, Any]:
     """Temperature scaling's effect (ECE and Brier before and after, out of fold) and the coverage
-    curve of the calibrated probabilities; the figure goes to ``folder/calibration.png``."""
+    curve of the calibrated probabilities; the figure goes to ``folder/calibration.png``. ``fitted``
+    False: the folds had no validation split, every temperature is 1 and before equals after."""
     coverage = coverage_curve(y, calibrated, n_classes)
     calibration_figure(y, raw, calibrated, coverage, folder / "calibration.png")
     return {
         "calibration": {
-            "method": "temperature scaling fitted on each fold's inner validation split",
+            "method": "temperature scaling fitted on each fold's inner validation split" if fitted else
+                      "none: train.val_fraction is 0, so no fold has a validation split to fit a temperature on",
             "temperature": {"mean": float(np.mean(temperatures)), "per_fold": [round(t, 4) for t in temperatures]},
             "ece": {"before": expected_calibration_error(y, raw), "after": expected_calibration_error(y, calibrated)},
             "brier": {"before": brier(y, raw), "after": brier(y, calibrated)},

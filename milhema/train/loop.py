@@ -138,11 +138,12 @@ def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientB
             total, seen = map(sum, zip(*distributed.gather((total, seen), ranks), strict=True))
         scores = evaluate(model, val, settings, device=device, weights=weights, ranks=ranks)
         val_loss = scores["val_loss"]
-        record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), **scores, "lr": scheduler.get_last_lr()[0]}
+        record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), **(scores if len(val) else {}),
+                  "lr": scheduler.get_last_lr()[0]}
         history.append(record)
         if log is not None:
             log(record)
-        bar.set_postfix(train=f"{record['train_loss']:.3f}", val=f"{val_loss:.3f}")
+        bar.set_postfix(train=f"{record['train_loss']:.3f}", **({"val": f"{val_loss:.3f}"} if len(val) else {}))
         if not len(val) or val_loss < best_loss - 1e-4:  # without validation the last epoch is kept
             best_loss, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
         else:

@@ -104,7 +104,13 @@ def fold_seed(seed: int, repeat: int, fold: int) -> int:
 
 
 def inner_split(ids: Sequence[str], y: np.ndarray, fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Stratified validation split of the training patients (unstratified if a class is too small)."""
+    """Stratified validation split of the training patients (unstratified if a class is too small).
+
+    ``fraction`` 0 keeps every patient for training (no validation split: no early stopping, no
+    temperature scaling).
+    """
+    if fraction == 0:
+        return list(ids), []
     try:
         train, val = train_test_split(list(ids), test_size=fraction, stratify=y, random_state=seed)
     except ValueError:
@@ -242,18 +248,23 @@ def publish(run: RunFolder, metrics: Mapping[str, Any], table: str, ids: Sequenc
     run.tracker.log_summary(metrics)
     for key, (y, plot_probs) in plots.items():
         run.tracker.log_classification_plots(key, y, plot_probs, classes)
-    run.tracker.log_predictions(table, ids, "patient", labels, probs, classes, extra)
+    if len(ids):
+        run.tracker.log_predictions(table, ids, "patient", labels, probs, classes, extra)
     run.tracker.log_checkpoints(run.path / "checkpoints", run.out.name)
 
 
 # What `train` can and cannot say about its model: it has no held-out patients.
 EARLY_STOPPING_NOTE = ("the metrics are on the validation patients that chose the stopping epoch: optimistic, not a test "
                        "set; milhema cv estimates how the model does on new patients")
+NO_VALIDATION_NOTE = ("train.val_fraction is 0: every patient trained the model for train.epochs epochs, none was held "
+                      "out, so there are no metrics and no temperature scaling; milhema cv estimates how the model does "
+                      "on new patients")
 
 
 def run_train(settings: Settings, cohort: Cohort, bags: str | Path | None, out: str | Path, *,
               overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """One model on all labelled patients, early-stopped on an inner validation split."""
+    """One model on all labelled patients, early-stopped on an inner validation split (none if
+    ``train.val_fraction`` is 0: then it trains for ``train.epochs`` epochs)."""
     out = Path(out)
     bags = None if bags is None else Path(bags)
     check_new_folder(out, overwrite=overwrite, what="run folder")
@@ -271,19 +282,23 @@ def run_train(settings: Settings, cohort: Cohort, bags: str | Path | None, out: 
         save_checkpoint(run.path / "checkpoints" / "model", model, model.spec,
                         {"bags": bag_meta(prep.info, prep.cell_classifier), "test_patients": [], "train_patients": train_ids,
                          "val_patients": val_ids})
-        val = predict(model, prep.store.many(val_ids), t.batch_size, device=device, ranks=ranks)
-        val_y = cohort.labels(val_ids)
-        metrics = {**metrics_header(settings, prep.spec, cohort.classes), "note": EARLY_STOPPING_NOTE,
+        metrics = {**metrics_header(settings, prep.spec, cohort.classes),
+                   "note": EARLY_STOPPING_NOTE if val_ids else NO_VALIDATION_NOTE,
                    "n_patients": len(prep.ids), "n_train": len(train_ids), "n_val": len(val_ids),
                    "epochs_run": len(history), "temperature": model.temperature,
                    "backbone": prep.info.backbone, "feature_dim": prep.info.feature_dim,
                    "processes": ranks.world}
+        save_cbc_baseline(run, settings, cohort, prep.ids)
+        if not val_ids:
+            publish(run, metrics, "validation_predictions", [], [], np.zeros((0, len(cohort.classes))), cohort.classes, {})
+            return metrics
+        val = predict(model, prep.store.many(val_ids), t.batch_size, device=device, ranks=ranks)
+        val_y = cohort.labels(val_ids)
         if loss.has_classification:
             metrics["early_stopping_split"] = classification_metrics(val_y, val.probs, cohort.classes)
         if loss.has_survival and val.risk is not None:
             vt, ve = cohort.follow_up(val_ids)
             metrics["early_stopping_split_survival"] = {"c_index": concordance_summary(vt, ve, val.risk, seed=t.seed)}
-        save_cbc_baseline(run, settings, cohort, prep.ids)
         publish(run, metrics, "validation_predictions", val_ids, [cohort.patients[p].label for p in val_ids],
                 val.probs, cohort.classes, {"early_stopping_split": (val_y, val.probs)} if loss.has_classification else {})
     return metrics
