@@ -12,8 +12,12 @@ export WANDB_MODE ?= offline
 demo: $(STAMP)
 	$(BIN)/milhema demo
 
+# One pytest-xdist worker per core (at most 4: each builds its own session fixtures), one torch
+# thread each (tests/conftest.py). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= auto
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4
 
 lint: $(STAMP)
 	$(BIN)/ruff check milhema tests tools

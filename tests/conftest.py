@@ -16,6 +16,14 @@ import pytest
 os.environ["WANDB_MODE"] = "offline"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``pytest -n N`` (pytest-xdist) each worker computes on one thread: N workers share the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_tracking_dirs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Keep the pseudonymisation salt and W&B's own settings, cache and staging out of the home folder."""
