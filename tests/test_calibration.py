@@ -15,8 +15,14 @@ from PIL import Image
 
 from milhema.data.manifest import Slide
 from milhema.embed.morphology import segment_cell
-from milhema.slides.calibrate import Calibration, calibrate, illumination, white_point
-from milhema.slides.detect import DETECTOR_VERSION, DetectOptions, detect_cells, recall_precision
+from milhema.slides.calibrate import Calibration, calibrate, illumination, optical_density, white_point
+from milhema.slides.detect import (
+    DETECTOR_VERSION,
+    DetectOptions,
+    detect_cells,
+    recall_precision,
+    segment_regions,
+)
 from milhema.slides.source import open_source
 from milhema.slides.wsi import WholeSlide
 from milhema.synth.smear import PlacedCell, SmearSpec, plan_smear, render_block
@@ -125,6 +131,50 @@ def _found_in_profile(tmp_path: Path, acquisition: str, kind: str) -> tuple[int,
         truth += len(xy)
         found += round(recall * len(xy))
     return truth, found
+
+
+def _red_cells_and_platelet(with_lymphocyte: bool) -> tuple[np.ndarray, Calibration]:
+    """A 48 µm scan tile at 0.08 µm/px (Beer-Lambert, camera-dim-like glass): red cells, two pairs
+    and a pile of three overlapping, a platelet lying on one; optionally a lymphocyte on free glass.
+    With the slide's calibration (measured elsewhere on the slide, where the white cells are)."""
+    mpp, size = 0.08, 600
+    nuclear = np.array([0.5466, 0.7839, 0.2944])
+    eosin = np.array([0.0077, 0.6992, 0.7149])
+    yy, xx = np.mgrid[0:size, 0:size] * mpp
+    od = np.zeros((size, size, 3))
+
+    def disc(x: float, y: float, radius: float) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp((np.hypot(xx - x, yy - y) - radius) / 0.15))   # soft edge, µm
+
+    for x, y in [(8, 8), (12, 9), (8, 30), (11.5, 33), (30, 12), (34, 14), (32, 17.5)]:
+        pallor = 1.0 - 0.3 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.8 ** 2))
+        od += 0.7 * (disc(x, y, 3.75) * pallor)[..., None] * eosin
+    od += 0.9 * disc(8.5, 29, 1.0)[..., None] * nuclear               # a platelet on a red cell
+    if with_lymphocyte:
+        od += 0.25 * disc(36, 38, 5.0)[..., None] * np.array([0.45, 0.6, 0.3])   # pale blue cytoplasm
+        od += 1.3 * disc(36, 38, 3.5)[..., None] * nuclear
+    white = np.array([169.0, 159.0, 171.0])
+    rng = np.random.default_rng(0)
+    rgb = np.clip(white * np.exp(-od) + rng.normal(0, 1.5, od.shape), 0, 255).astype(np.uint8)
+    cal = Calibration(white=(169.0, 159.0, 171.0), nuclear=tuple(nuclear), eosin=tuple(eosin), nucleus_od=0.835,
+                      stained_od=0.093, noise_od=0.0155, mpp=mpp, pixels=size * size)
+    return rgb, cal
+
+
+def test_overlapping_red_cells_in_a_tile_without_a_nucleus_are_no_white_cell() -> None:
+    """Where red cells overlap, twice their OD passes the slide's chromatin density. In a tile with
+    no nucleus those overlaps were all its dense pixels, and detector 7 took their hue for
+    chromatin's: every stained pixel then passed for chromatin, and a pile of red cells with a
+    platelet on it was a white cell (the debris on the camera-dim and wright-pale scans at 0.08
+    µm/px). Chromatin keeps the hue of the slide's nuclear stain there."""
+    options = DetectOptions(progress=False)
+    rgb, cal = _red_cells_and_platelet(with_lymphocyte=False)
+    chromatin = optical_density(rgb, cal.white_array) @ np.array(cal.nuclear)
+    assert (chromatin > cal.nucleus_od).sum() * 0.08 ** 2 > 14     # overlaps dense enough for a nucleus
+    assert len(segment_regions(rgb, 0.08, options, cal).centres) == 0
+    rgb, cal = _red_cells_and_platelet(with_lymphocyte=True)
+    found = segment_regions(rgb, 0.08, options, cal)
+    assert len(found.centres) == 1 and np.hypot(*(found.centres[0] * 0.08 - (36, 38))) < 1.0
 
 
 def test_segmented_neutrophils_at_coarse_pixels_are_found(tmp_path: Path) -> None:

@@ -50,7 +50,9 @@ from milhema.slides.wsi import WholeSlide
 # at its full width (a band or lobed nucleus cut by its cell's waist at 0.08 µm/px).
 # 7: the red cells' spread of hue without their noise (counted once, per pixel), so that a small
 # nucleus under a quick stain keeps its edges.
-DETECTOR_VERSION = 7
+# 8: a region whose dense pixels all have the red cells' hue (overlapping red cells, no nucleus) takes
+# chromatin's hue from the slide's nuclear stain instead of counting every stained pixel as chromatin.
+DETECTOR_VERSION = 8
 
 
 @dataclass(frozen=True)
@@ -305,7 +307,11 @@ def _stain_maps(rgb: np.ndarray, mpp: float, options: DetectOptions, cal: Calibr
     enough_red = red.sum() * mpp * mpp > 90.0
     red_dir = np.median(direction[red], axis=0) if enough_red else eosin
     axis = chromatin_dir - red_dir
-    if float(axis @ axis) < 1e-4:   # red cells and chromatin of one hue: nothing to tell them apart by
+    if float(axis @ axis) < 1e-4:
+        # The dense pixels have the red cells' hue: overlapping red cells, no nucleus. Chromatin
+        # then has the hue of the slide's nuclear stain, and those overlaps are not chromatin.
+        axis = nuclear - red_dir
+    if float(axis @ axis) < 1e-4:   # red cells and the nuclear stain of one hue: nothing to tell them apart by
         return chromatin, np.ones(chromatin.shape, bool), stained
     hue = (direction - red_dir) @ (axis / float(axis @ axis))
     # A pixel's hue is noisy (the glass's OD noise over its own OD, along the hue axis), the more so
