@@ -156,7 +156,7 @@ def _red_cells_and_platelet(with_lymphocyte: bool) -> tuple[np.ndarray, Calibrat
     white = np.array([169.0, 159.0, 171.0])
     rng = np.random.default_rng(0)
     rgb = np.clip(white * np.exp(-od) + rng.normal(0, 1.5, od.shape), 0, 255).astype(np.uint8)
-    cal = Calibration(white=(169.0, 159.0, 171.0), nuclear=tuple(nuclear), eosin=tuple(eosin), nucleus_od=0.835,
+    cal = Calibration(white=tuple(white), nuclear=tuple(nuclear), eosin=tuple(eosin), nucleus_od=0.835,
                       stained_od=0.093, noise_od=0.0155, mpp=mpp, pixels=size * size)
     return rgb, cal
 

@@ -82,11 +82,30 @@ def _schedule(total: int, warmup: int) -> Callable[[int], float]:
     return factor
 
 
+class _BestEpoch:
+    """Early stopping on the validation loss: the weights of the best epoch so far, and whether
+    ``patience`` epochs have passed without a better one."""
+
+    def __init__(self, model: PatientModel, patience: int) -> None:
+        self.model, self.patience = model, patience
+        self.loss, self.stale = math.inf, 0
+        self.state = copy.deepcopy(model.state_dict())
+
+    def stop(self, val_loss: float) -> bool:
+        """Record an epoch's validation loss; True once training should stop."""
+        if val_loss < self.loss - 1e-4:
+            self.loss, self.stale, self.state = val_loss, 0, copy.deepcopy(self.model.state_dict())
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+
 def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientBag], settings: Settings, *,
         device: torch.device, log: Callable[[dict[str, Any]], None] | None = None,
         progress: bool = False, desc: str = "train", ranks: Ranks | None = None,
         seed: int | None = None) -> list[dict[str, Any]]:
-    """Train ``model`` in place; on return it holds the weights of the best validation epoch.
+    """Train ``model`` in place; on return it holds the weights of the best validation epoch (of
+    the last epoch when ``val`` is empty).
 
     Under ``torchrun`` (``ranks`` of several processes) each rank steps through its share of the
     batches of ``train.batch_size`` bags, DDP averages the gradients, and validation is gathered
@@ -113,7 +132,7 @@ def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientB
     use_amp = t.amp and device.type == "cuda"
     triplet = settings.loss.triplet_weight
     cls_w, surv_w = task_weights(settings.loss, model)
-    best_loss, best_state, stale = math.inf, copy.deepcopy(model.state_dict()), 0
+    best = _BestEpoch(model, t.patience) if len(val) else None   # None: train.val_fraction 0
     history = []
     bar = tqdm(range(t.epochs), desc=desc, unit="epoch", disable=None if progress else True, leave=False)
     for epoch in bar:
@@ -136,21 +155,16 @@ def fit(model: PatientModel, train: Sequence[PatientBag], val: Sequence[PatientB
             seen += len(batch.y)
         if ranks.active:  # the mean training loss over all ranks' batches
             total, seen = map(sum, zip(*distributed.gather((total, seen), ranks), strict=True))
-        scores = evaluate(model, val, settings, device=device, weights=weights, ranks=ranks)
-        val_loss = scores["val_loss"]
-        record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), **(scores if len(val) else {}),
-                  "lr": scheduler.get_last_lr()[0]}
+        scores = evaluate(model, val, settings, device=device, weights=weights, ranks=ranks) if best is not None else {}
+        record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), **scores, "lr": scheduler.get_last_lr()[0]}
         history.append(record)
         if log is not None:
             log(record)
-        bar.set_postfix(train=f"{record['train_loss']:.3f}", **({"val": f"{val_loss:.3f}"} if len(val) else {}))
-        if not len(val) or val_loss < best_loss - 1e-4:  # without validation the last epoch is kept
-            best_loss, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= t.patience:
-                break
-    model.load_state_dict(best_state)
+        bar.set_postfix(train=f"{record['train_loss']:.3f}", **({"val": f"{scores['val_loss']:.3f}"} if best is not None else {}))
+        if best is not None and best.stop(scores["val_loss"]):
+            break
+    if best is not None:
+        model.load_state_dict(best.state)
     return history
 
 

@@ -289,16 +289,16 @@ def run_train(settings: Settings, cohort: Cohort, bags: str | Path | None, out: 
                    "backbone": prep.info.backbone, "feature_dim": prep.info.feature_dim,
                    "processes": ranks.world}
         save_cbc_baseline(run, settings, cohort, prep.ids)
-        if not val_ids:
-            publish(run, metrics, "validation_predictions", [], [], np.zeros((0, len(cohort.classes))), cohort.classes, {})
-            return metrics
-        val = predict(model, prep.store.many(val_ids), t.batch_size, device=device, ranks=ranks)
-        val_y = cohort.labels(val_ids)
-        if loss.has_classification:
-            metrics["early_stopping_split"] = classification_metrics(val_y, val.probs, cohort.classes)
-        if loss.has_survival and val.risk is not None:
-            vt, ve = cohort.follow_up(val_ids)
-            metrics["early_stopping_split_survival"] = {"c_index": concordance_summary(vt, ve, val.risk, seed=t.seed)}
+        probs, plots = np.zeros((0, len(cohort.classes))), {}
+        if val_ids:
+            val = predict(model, prep.store.many(val_ids), t.batch_size, device=device, ranks=ranks)
+            val_y, probs = cohort.labels(val_ids), val.probs
+            if loss.has_classification:
+                metrics["early_stopping_split"] = classification_metrics(val_y, probs, cohort.classes)
+                plots = {"early_stopping_split": (val_y, probs)}
+            if loss.has_survival and val.risk is not None:
+                vt, ve = cohort.follow_up(val_ids)
+                metrics["early_stopping_split_survival"] = {"c_index": concordance_summary(vt, ve, val.risk, seed=t.seed)}
         publish(run, metrics, "validation_predictions", val_ids, [cohort.patients[p].label for p in val_ids],
-                val.probs, cohort.classes, {"early_stopping_split": (val_y, val.probs)} if loss.has_classification else {})
+                probs, cohort.classes, plots)
     return metrics
