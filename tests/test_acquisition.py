@@ -23,9 +23,10 @@ from milhema.synth.acquisition import NAMED_PROFILES, PROFILES
 # Decoded pixels + every other file of two small default cohorts, made by milhema before acquisition
 # profiles existed (commit 998cfe9; recomputed at the merge with the cell classifier, whose anomaly
 # columns in cells.csv and the truth files are the only change: the same digests came from main
-# just before the merge): crop folders, and one --wsi scan.
-DEFAULT_CROPS_DIGEST = "2612f6d691a31ade05c442863d70822a3a9383ce8d2740753ec43d9dd8c9344d"
-DEFAULT_SCAN_DIGEST = "eaf20a1b20a6dca3e50e904e152399e0783716aa71bdc29b22417d5844d96ee0"
+# just before the merge; recomputed on 2026-11-28 when granulocyte nuclei were given their real size,
+# docs/SIMULATION.md, the only change to the rendering): crop folders, and one --wsi scan.
+DEFAULT_CROPS_DIGEST = "61d427d98dd60a2c17e1c1da804df36d8b994530a969f15cf2e1df39797ef49f"
+DEFAULT_SCAN_DIGEST = "a442f780dd46898263d4ff476c47be24138b0f56b3e89e311dc32b1c83b891fb"
 
 
 def _content_digest(root: Path) -> str:

@@ -118,24 +118,29 @@ def _nucleoli(cv: _Canvas, nuc_sdf: np.ndarray, n: int, r_lo: float, r_hi: float
 
 
 def _lobed_nucleus(cv: _Canvas, n_lobes: int, lobe_r: float, fit_r: float) -> np.ndarray:
-    """Segmented nucleus: lobes along a curling path, joined by thin chromatin strands."""
+    """Segmented nucleus: ``n_lobes`` lobes of mean radius ``lobe_r`` µm (ovals across the chain)
+    along a curling path, a short gap apart and joined by thin chromatin strands."""
     rng = cv.rng
     heading = rng.uniform(0.0, _TWO_PI)
     turn = rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.1)
+    radii = lobe_r * rng.uniform(0.85, 1.1, n_lobes)
+    aspects = rng.uniform(1.3, 1.8, n_lobes)
+    across = radii / np.sqrt(aspects)      # each lobe's half-width along the chain (its short axis)
     pts = [np.zeros(2)]
     heads = [heading]
-    for _ in range(n_lobes - 1):
+    for i in range(n_lobes - 1):
         heading += turn + rng.normal(0.0, 0.35)
-        step = lobe_r * rng.uniform(2.3, 3.2)
+        step = across[i] + across[i + 1] + rng.uniform(0.9, 1.8)
         pts.append(pts[-1] + step * np.array([math.cos(heading), math.sin(heading)]))
         heads.append(heading)
     p = np.array(pts)
     p -= 0.5 * (p.max(axis=0) + p.min(axis=0))
-    p = _fit(p, lobe_r * 1.25, fit_r)
+    # The chain's ends reach out by a lobe's short axis (lobes lie across the chain); squeezing the
+    # chain more than that would press the lobes into one mass.
+    p = _fit(p, float(across.max()) + 0.3, fit_r)
     sdf: np.ndarray | None = None
-    for (cx, cy), h in zip(p, heads, strict=True):
-        r = lobe_r * rng.uniform(0.85, 1.1)
-        lobe = _blob(rng, r, aspect=rng.uniform(1.1, 1.6), irregular=0.06, kmax=4, cx=cx, cy=cy,
+    for (cx, cy), h, r, aspect in zip(p, heads, radii, aspects, strict=True):
+        lobe = _blob(rng, float(r), aspect=float(aspect), irregular=0.06, kmax=4, cx=cx, cy=cy,
                      angle=h + math.pi / 2 + rng.normal(0.0, 0.4)).sdf(cv.u, cv.v)
         sdf = lobe if sdf is None else np.minimum(sdf, lobe)
     assert sdf is not None  # p always has at least one lobe (pts starts with the origin)
@@ -149,17 +154,21 @@ def _lobed_nucleus(cv: _Canvas, n_lobes: int, lobe_r: float, fit_r: float) -> np
 
 def _bilobed_nucleus(cv: _Canvas, lobe_r: float, gap: float, bridge: float, fit_r: float,
                      centre: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
-    """Two round lobes joined by a bridge of radius ``bridge`` (µm): the 'spectacle' shape."""
+    """Two oval lobes (mean radius ``lobe_r`` µm, long axes across the line between them), ``gap`` µm
+    apart and joined by a bridge of radius ``bridge`` (µm): the 'spectacle' shape."""
     rng = cv.rng
     r1 = lobe_r * rng.uniform(0.9, 1.1)
     r2 = lobe_r * rng.uniform(0.85, 1.05)
-    half = 0.5 * (r1 + r2 + gap)
-    half = min(half, fit_r - max(r1, r2))
+    a1, a2 = rng.uniform(1.0, 1.4), rng.uniform(1.0, 1.4)
+    s1, s2 = r1 / math.sqrt(a1), r2 / math.sqrt(a2)     # half-widths along the line between the lobes
+    half = 0.5 * (s1 + s2 + gap)
+    half = min(half, fit_r - max(s1, s2))
     ang = rng.uniform(0.0, _TWO_PI)
     d = np.array([math.cos(ang), math.sin(ang)]) * half
     c = np.array(centre)
-    l1 = _blob(rng, r1, aspect=rng.uniform(1.0, 1.25), irregular=0.05, kmax=4, cx=c[0] + d[0], cy=c[1] + d[1])
-    l2 = _blob(rng, r2, aspect=rng.uniform(1.0, 1.25), irregular=0.05, kmax=4, cx=c[0] - d[0], cy=c[1] - d[1])
+    across = ang + math.pi / 2
+    l1 = _blob(rng, r1, aspect=a1, irregular=0.05, kmax=4, cx=c[0] + d[0], cy=c[1] + d[1], angle=across)
+    l2 = _blob(rng, r2, aspect=a2, irregular=0.05, kmax=4, cx=c[0] - d[0], cy=c[1] - d[1], angle=across)
     sdf = np.minimum(l1.sdf(cv.u, cv.v), l2.sdf(cv.u, cv.v))
     # The bridge bows a little, as the thin chromatin thread is rarely straight.
     bow = np.array([-d[1], d[0]]) * rng.normal(0.0, 0.15)
@@ -170,7 +179,7 @@ def _bilobed_nucleus(cv: _Canvas, lobe_r: float, gap: float, bridge: float, fit_
 def _band_nucleus(cv: _Canvas, fit_r: float) -> np.ndarray:
     """Unsegmented curved sausage of even width: C, U or (rarely) S shape."""
     rng = cv.rng
-    half_w = rng.uniform(0.8, 1.15)
+    half_w = rng.uniform(1.15, 1.6)
     pts = _curve(rng, rng.uniform(9.0, 13.0), rng.uniform(2.6, 4.3), n=10, s_shape=rng.random() < 0.2)
     pts = _fit(pts, half_w, fit_r)
     radii = half_w * (1.0 + 0.07 * rng.standard_normal(len(pts)))

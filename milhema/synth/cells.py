@@ -95,16 +95,18 @@ def _neutrophil_family(rng: np.random.Generator, mpp: float, *, nucleus: str, gr
     cv = _Canvas(rng, mpp, outline.extent() + 0.3)
     body = _body(cv, outline)
     cell_r = min(outline.a, outline.b)
-    fit_r = cell_r - 1.1
+    fit_r = cell_r - 0.8
     if nucleus == "lobed":
         n_lobes = int(rng.choice([2, 3, 4, 5], p=[0.07, 0.43, 0.38, 0.12]))
-        nuc = _lobed_nucleus(cv, n_lobes, rng.uniform(1.35, 1.75), fit_r)
+        # Real segmented nuclei cover 30–55 µm² whatever their number of lobes (wbc-seg's expert masks).
+        lobe_r = math.sqrt(rng.uniform(30.0, 56.0) / (math.pi * n_lobes))
+        nuc = _lobed_nucleus(cv, n_lobes, lobe_r, fit_r)
     elif nucleus == "band":
         nuc = _band_nucleus(cv, fit_r)
     elif rng.random() < 0.62:   # pseudo-Pelger, spectacle form
-        nuc = _bilobed_nucleus(cv, rng.uniform(1.6, 2.1), rng.uniform(0.5, 1.9), rng.uniform(0.15, 0.3), fit_r)
+        nuc = _bilobed_nucleus(cv, rng.uniform(2.2, 2.8), rng.uniform(0.5, 1.9), rng.uniform(0.15, 0.3), fit_r)
     else:                       # pseudo-Pelger, round or peanut (non-segmented) form
-        r = rng.uniform(2.0, 2.6)
+        r = rng.uniform(2.6, 3.3)
         sep = r * rng.uniform(0.0, 0.8)
         ang = rng.uniform(0.0, _TWO_PI)
         dx, dy = sep * math.cos(ang), sep * math.sin(ang)
@@ -225,7 +227,7 @@ def _eosinophil(rng: np.random.Generator, mpp: float) -> _CellRender:
     cv = _Canvas(rng, mpp, outline.extent() + 0.3)
     body = _body(cv, outline)
     cell_r = min(outline.a, outline.b)
-    nuc = _bilobed_nucleus(cv, rng.uniform(1.7, 2.2), rng.uniform(0.6, 2.2), rng.uniform(0.2, 0.45), cell_r - 1.3)
+    nuc = _bilobed_nucleus(cv, rng.uniform(2.4, 2.9), rng.uniform(0.6, 2.2), rng.uniform(0.2, 0.45), cell_r - 0.9)
     chrom = _chromatin(cv, nuc, 0.95 * rng.uniform(0.92, 1.08), clump=0.18, fine=0.06)
     a, nm = _lay_cell(cv, body, nuc, chrom, {_CYT: 0.05, _EOS: 0.3})
     # Packed refractile granules; a few lie over the nucleus. Saturation flattens their tops so they
