@@ -12,6 +12,7 @@ import pytest
 
 from milhema.bags import read_bag, read_bag_attrs
 from milhema.cli import main
+from milhema.embed.morphology import MORPHOLOGY_FEATURES, morphology_features
 from milhema.embed.stain import REFERENCE_FILE, SlideNormaliser, fit_reference, glass_colour, load_reference
 from milhema.errors import EmbedError
 from milhema.synth import synthesize_cohort
@@ -19,6 +20,8 @@ from milhema.synth.acquisition import PROFILES, slide_look
 from milhema.synth.crop import render_crop
 
 MORPH = ["--backbone", "none", "--morphology", "--workers", "0", "-q"]
+SHAPE_FEATURES = ("cell_area_um2", "nucleus_area_um2", "nc_ratio", "nucleus_lobes", "nucleus_solidity",
+                  "nucleus_roundness", "nucleus_eccentricity")
 
 
 def _crops(profile: str, n: int, seed: int) -> list[np.ndarray]:
@@ -66,6 +69,27 @@ def test_a_slide_is_mapped_as_a_whole_so_a_pale_cell_stays_pale() -> None:
     np.testing.assert_array_equal(normalise(cell), dark_out)   # deterministic
 
 
+def test_morphology_segments_the_cell_as_imaged_and_reads_its_colours_normalised() -> None:
+    """Segmenting the normalised crop changed the cells' areas (morphology version 5): Macenko's two
+    stains gave a camera-dim lymphocyte's pale cytoplasm the red cells' hue (194 → 70 µm²) and took red
+    cells into camera-yellow neutrophils (101 → 181 µm²). The shapes now come from the crop as
+    imaged, the optical densities from the normalised one."""
+    reference = fit_reference("macenko", _crops("scanner-40x", 20, 1), "test")
+    shape = [MORPHOLOGY_FEATURES.index(name) for name in SHAPE_FEATURES]
+    colour = [MORPHOLOGY_FEATURES.index(f"{part}_od_{c}") for part in ("nucleus", "cytoplasm") for c in "rgb"]
+    for profile in ("camera-dim", "camera-yellow"):
+        crops = _crops(profile, 10, 3)
+        normalise = SlideNormaliser(reference, crops)
+        for crop in crops:
+            out = normalise(crop)
+            plain, normed = morphology_features(crop, 0.25), morphology_features(crop, 0.25, colours=out)
+            assert plain[0] > 40.0, profile
+            np.testing.assert_array_equal(plain[shape], normed[shape])
+            assert not np.allclose(plain[colour], normed[colour]), profile
+    with pytest.raises(ValueError, match="shape"):
+        morphology_features(crops[0], 0.25, colours=crops[0][:-1])
+
+
 @pytest.fixture(scope="module")
 def cohorts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("stain")
@@ -92,7 +116,9 @@ def test_embed_records_the_normalisation_and_refuses_another_in_one_line(
         assert signature["stain_normalize"] == "macenko" and signature["stain_reference"] == reference.sha256
         before, after = read_bag(plain / bag.name), read_bag(normed / bag.name)
         np.testing.assert_array_equal(before.thumbnails, after.thumbnails)   # galleries show the cells as they are
-        assert not np.allclose(before.features, after.features)              # the features see them normalised
+        assert not np.allclose(before.features, after.features)              # the features see them normalised ...
+        shape = [MORPHOLOGY_FEATURES.index(name) for name in SHAPE_FEATURES]
+        np.testing.assert_array_equal(before.features[:, shape], after.features[:, shape])  # ... but not the shapes
     assert read_bag_attrs(next(plain.glob("*.h5")))["stain_normalize"] == "none"
     assert "stain_normalize" not in json.loads(read_bag_attrs(next(plain.glob("*.h5")))["embed_signature"])
     capsys.readouterr()

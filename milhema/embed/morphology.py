@@ -47,7 +47,9 @@ _SAME_COLOUR = 0.1
 # 3: optical densities against the image's (or slide's) own white point, not 255.
 # 4: a crop folder's cells against the white of a sample of its crops (one per slide), not each crop's own.
 # 5: cytoplasm by the nearer of two colour references read from the crop, not a fixed pink rule.
-MORPHOLOGY_VERSION = 5
+# 6: with stain normalisation, the cell is segmented as imaged and only its optical densities are read
+# from the normalised crop (without normalisation the features are those of version 5).
+MORPHOLOGY_VERSION = 6
 
 
 def optical_density(rgb: np.ndarray, calibration: Calibration | None = None) -> np.ndarray:
@@ -122,14 +124,21 @@ def _cytoplasm(od: np.ndarray, nucleus: np.ndarray, mpp: float) -> np.ndarray:
     return out
 
 
-def morphology_features(rgb: np.ndarray, mpp: float, calibration: Calibration | None = None) -> np.ndarray:
+def morphology_features(rgb: np.ndarray, mpp: float, calibration: Calibration | None = None,
+                        colours: np.ndarray | None = None) -> np.ndarray:
     """The :data:`MORPHOLOGY_FEATURES` of the central cell, float32 ``[16]``.
 
     Args:
-        rgb: uint8 ``[H, W, 3]`` crop centred on one white cell.
+        rgb: uint8 ``[H, W, 3]`` crop centred on one white cell, as imaged.
         mpp: microns per pixel of the crop.
         calibration: the slide's white point (a crop cut from a scan); measured on the crop when
             not given.
+        colours: the same crop after stain normalisation (uint8 ``[H, W, 3]``), or None. The cell is
+            segmented on ``rgb``, calibrated against its own slide; the optical densities (colours,
+            chromatin texture, granularity, vacuoles) are read from ``colours`` against its own
+            white. Segmenting the normalised crop lost the cytoplasm of whole profiles: two-stain
+            normalisation gives pale cytoplasm the red cells' hue, and a scan's white point no
+            longer fits the normalised glass.
 
     Returns zeros (area 0) when no nucleus is found, so a bad crop never stops a run.
     """
@@ -137,7 +146,9 @@ def morphology_features(rgb: np.ndarray, mpp: float, calibration: Calibration | 
     out = np.zeros(len(MORPHOLOGY_FEATURES), dtype=np.float32)
     if not nucleus.any():
         return out
-    od = optical_density(rgb, calibration)
+    if colours is not None and colours.shape != rgb.shape:
+        raise ValueError(f"colours {colours.shape} must have the crop's shape {rgb.shape}")
+    od = optical_density(rgb, calibration) if colours is None else optical_density(colours)
     px_area = mpp * mpp
     cyto = cell & ~nucleus
     cell_area = float(cell.sum()) * px_area

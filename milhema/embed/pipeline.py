@@ -433,17 +433,18 @@ class _CellImages(Dataset):
                     "image": torch.zeros(3, side, side, dtype=torch.uint8),
                     "thumb": torch.zeros(THUMBNAIL_PX, THUMBNAIL_PX, 3, dtype=torch.uint8),
                     "morph": torch.zeros(n_morph)}
-        # The thumbnail shows the cell as it is; the backbone and the morphology see it normalised.
+        # The thumbnail shows the cell as it is; the backbone sees it normalised; the morphology
+        # segments it as it is and reads its colours normalised.
         thumb = np.array(Image.fromarray(rgb).resize((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.BILINEAR,
                                                      reducing_gap=2.0))
-        if self.normalisers is not None:
-            rgb = self.normalisers[slide_index](rgb)
-        image = Image.fromarray(rgb)
-        resized = np.array(image.resize((size, size), self.resample)) if size else rgb[:1, :1].copy()
+        shown = rgb if self.normalisers is None else self.normalisers[slide_index](rgb)
+        image = Image.fromarray(shown)
+        resized = np.array(image.resize((size, size), self.resample)) if size else shown[:1, :1].copy()
         mpp = source.mpp if source.mpp is not None else math.nan
         # A crop cut from a scan is measured against the slide's white point, not its own.
         cal = Calibration.from_dict(source.calibration) if source.calibration else None
-        morph = morphology_features(rgb, mpp, cal) if self.morphology else np.zeros(0, np.float32)
+        colours = None if self.normalisers is None else shown
+        morph = morphology_features(rgb, mpp, cal, colours) if self.morphology else np.zeros(0, np.float32)
         return {"slide": slide_index, "ok": True, "error": "", "crop_px": int(rgb.shape[0]),
                 "image": torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))),
                 "thumb": torch.from_numpy(thumb), "morph": torch.from_numpy(morph)}
