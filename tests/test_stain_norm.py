@@ -104,6 +104,7 @@ def test_embed_records_the_normalisation_and_refuses_another_in_one_line(
         cohorts: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     train, test = cohorts
     plain, normed = tmp_path / "plain", tmp_path / "normed"
+    shape = [MORPHOLOGY_FEATURES.index(name) for name in SHAPE_FEATURES]
     assert main(["embed", "--cohort", str(train), "--out", str(plain), *MORPH]) == 0
     assert main(["embed", "--cohort", str(train), "--out", str(normed), *MORPH, "--stain-normalize", "macenko"]) == 0
     reference = load_reference(normed / REFERENCE_FILE, "macenko")
@@ -117,7 +118,6 @@ def test_embed_records_the_normalisation_and_refuses_another_in_one_line(
         before, after = read_bag(plain / bag.name), read_bag(normed / bag.name)
         np.testing.assert_array_equal(before.thumbnails, after.thumbnails)   # galleries show the cells as they are
         assert not np.allclose(before.features, after.features)              # the features see them normalised ...
-        shape = [MORPHOLOGY_FEATURES.index(name) for name in SHAPE_FEATURES]
         np.testing.assert_array_equal(before.features[:, shape], after.features[:, shape])  # ... but not the shapes
     assert read_bag_attrs(next(plain.glob("*.h5")))["stain_normalize"] == "none"
     assert "stain_normalize" not in json.loads(read_bag_attrs(next(plain.glob("*.h5")))["embed_signature"])

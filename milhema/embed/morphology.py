@@ -142,12 +142,12 @@ def morphology_features(rgb: np.ndarray, mpp: float, calibration: Calibration | 
 
     Returns zeros (area 0) when no nucleus is found, so a bad crop never stops a run.
     """
+    if colours is not None and colours.shape != rgb.shape:
+        raise ValueError(f"colours {colours.shape} must have the crop's shape {rgb.shape}")
     cell, nucleus = segment_cell(rgb, mpp, calibration)
     out = np.zeros(len(MORPHOLOGY_FEATURES), dtype=np.float32)
     if not nucleus.any():
         return out
-    if colours is not None and colours.shape != rgb.shape:
-        raise ValueError(f"colours {colours.shape} must have the crop's shape {rgb.shape}")
     od = optical_density(rgb, calibration) if colours is None else optical_density(colours)
     px_area = mpp * mpp
     cyto = cell & ~nucleus

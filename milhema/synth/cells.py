@@ -98,7 +98,7 @@ def _neutrophil_family(rng: np.random.Generator, mpp: float, *, nucleus: str, gr
     fit_r = cell_r - 0.8
     if nucleus == "lobed":
         n_lobes = int(rng.choice([2, 3, 4, 5], p=[0.07, 0.43, 0.38, 0.12]))
-        # Real segmented nuclei cover 30–55 µm² whatever their number of lobes (wbc-seg's expert masks).
+        # Real segmented nuclei cover ~30–55 µm² whatever their number of lobes (wbc-seg's expert masks).
         lobe_r = math.sqrt(rng.uniform(30.0, 56.0) / (math.pi * n_lobes))
         nuc = _lobed_nucleus(cv, n_lobes, lobe_r, fit_r)
     elif nucleus == "band":
